@@ -1,0 +1,69 @@
+"""A free-list of integer slots with exact accounting, in numpy so it never touches torch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class OutOfSlots(RuntimeError):
+    """Raised when an allocation asks for more slots than are free."""
+
+
+class SlotAllocator:
+    """Hands out distinct slot ids from ``first .. first + capacity - 1``.
+
+    ``alloc`` and ``free`` cost O(n) in the number of slots moved, never O(capacity).
+    Invariant: ``num_free + num_used == capacity`` and no slot is handed out twice.
+    """
+
+    def __init__(self, capacity: int, first: int = 0):
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.first = first
+        # A stack of free ids; the top `_num_free` entries are free. Popping from the end
+        # hands out low ids first, which keeps recently freed memory warm.
+        self._stack = np.arange(first + capacity - 1, first - 1, -1, dtype=np.int64)
+        self._num_free = capacity
+        self._in_use = np.zeros(first + capacity, dtype=bool)
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - self._num_free
+
+    def alloc(self, n: int) -> np.ndarray:
+        """Return ``n`` free slot ids (a fresh int64 array); raise OutOfSlots if fewer are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} slots")
+        if n > self._num_free:
+            raise OutOfSlots(f"asked for {n} slots, {self._num_free} free")
+        top = self._num_free
+        slots = self._stack[top - n : top][::-1].copy()
+        self._num_free = top - n
+        self._in_use[slots] = True
+        return slots
+
+    def free(self, slots: np.ndarray | list[int]) -> None:
+        """Give slots back. Freeing a slot that is not in use is a bug and raises."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size == 0:
+            return
+        if not self._in_use[slots].all() or np.unique(slots).size != slots.size:
+            raise ValueError("freeing slots that are not allocated (double free?)")
+        self._in_use[slots] = False
+        top = self._num_free
+        self._stack[top : top + slots.size] = slots
+        self._num_free = top + slots.size
+
+    def is_used(self, slot: int) -> bool:
+        return bool(self._in_use[slot])
+
+    def reset(self) -> None:
+        """Free everything."""
+        self._stack[:] = np.arange(self.first + self.capacity - 1, self.first - 1, -1)
+        self._num_free = self.capacity
+        self._in_use[:] = False

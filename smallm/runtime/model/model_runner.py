@@ -1,0 +1,151 @@
+"""Runs the model over a ForwardBatch: writes KV into the pool, returns the logits asked for."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from smallm.runtime.attention.base import AttentionBackend
+from smallm.runtime.attention.registry import create_backend
+from smallm.runtime.cache.kv_pool import KVPool
+from smallm.runtime.cache.req_to_token import ReqToTokenPool
+from smallm.runtime.model.config import ModelConfig
+from smallm.runtime.model.forward_batch import BatchEntry, ForwardBatch
+from smallm.runtime.model.loader import load_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerConfig:
+    """The subset of server arguments the model runner needs."""
+
+    model_path: str
+    dtype: str = "auto"
+    context_length: int | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int = 256
+    mem_fraction_static: float = 0.25
+    attention_backend: str = "torch_native"
+
+
+@dataclass
+class InputLogprobs:
+    """Scores of one request's given tokens: ``logprobs[i]`` of ``targets[i]``."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None
+
+
+@dataclass
+class LogitsOutput:
+    # [num requests with need_next_logits, V] float32, in batch order of those requests.
+    next_token_logits: torch.Tensor | None
+    next_rows: list[int]  # which batch entries those rows belong to
+    input_logprobs: list[InputLogprobs | None]  # per batch entry
+
+
+class ModelRunner:
+    """Owns the model and its KV memory; one ``forward`` per scheduler step."""
+
+    def __init__(self, config: RunnerConfig):
+        self.config = config
+        self.model_dir = config.model_path
+        cfg = ModelConfig.from_path(config.model_path)
+        self.dtype = resolve_dtype(config.dtype, cfg)
+        self.model_config, self.model = load_model(config.model_path, self.dtype)
+        self.context_length = _context_length(config.context_length, self.model_config)
+        self.model.init_rotary(self.context_length, self.dtype)
+        capacity = config.max_total_tokens or self._default_capacity()
+        self.kv_pool = KVPool(
+            capacity,
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+        )
+        self.req_to_token = ReqToTokenPool(config.max_running_requests, self.context_length)
+        self.attn_backend: AttentionBackend = create_backend(
+            config.attention_backend,
+            self.kv_pool,
+            self.req_to_token,
+            scale=1.0 / math.sqrt(cfg.head_dim),
+        )
+        logger.info(
+            "model %s loaded: %s, %d layers, KV pool %d tokens (%.1f MiB), context %d",
+            cfg.architecture,
+            str(self.dtype).removeprefix("torch."),
+            cfg.num_layers,
+            capacity,
+            self.kv_pool.nbytes / 2**20,
+            self.context_length,
+        )
+
+    def _default_capacity(self) -> int:
+        per_token = self.model_config.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).itemsize)
+        budget = int(_available_memory() * self.config.mem_fraction_static)
+        # Never less than one full-context request, never more than the table can address.
+        tokens = max(budget // per_token, self.context_length)
+        return min(tokens, self.config.max_running_requests * self.context_length)
+
+    @torch.inference_mode()
+    def forward(self, entries: list[BatchEntry]) -> LogitsOutput:
+        """Run one pass; the entries' new-token slots must already be in the req->token table."""
+        batch = ForwardBatch.build(entries, self.req_to_token.table_np)
+        self.attn_backend.prepare(batch)
+        hidden = self.model(batch, self.attn_backend)
+        return self._logits(hidden, batch)
+
+    def _logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
+        weight = self.model.lm_head_weight
+        next_rows = [i for i, e in enumerate(batch.entries) if e.need_next_logits]
+        next_logits = None
+        if next_rows:
+            last = [batch.extend_starts[i] + batch.extend_lens[i] - 1 for i in next_rows]
+            rows = hidden[last] if len(last) != hidden.shape[0] else hidden
+            next_logits = (rows @ weight.T).float()
+        input_lp: list[InputLogprobs | None] = [None] * batch.batch_size
+        for i, e in enumerate(batch.entries):
+            if e.logprob_start is None or not e.logprob_targets:
+                continue
+            start = batch.extend_starts[i] + e.logprob_start
+            h = hidden[start : start + len(e.logprob_targets)]
+            logprobs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            targets = torch.tensor(e.logprob_targets).unsqueeze(1)
+            chosen = logprobs.gather(1, targets).squeeze(1).tolist()
+            top = None
+            if e.top_logprobs_num > 0:
+                vals, ids = logprobs.topk(e.top_logprobs_num, dim=-1)
+                top = [
+                    list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), vals.tolist())
+                ]
+            input_lp[i] = InputLogprobs(chosen, top)
+        return LogitsOutput(next_logits, next_rows, input_lp)
+
+
+def _context_length(requested: int | None, cfg: ModelConfig) -> int:
+    if requested is None:
+        return cfg.max_position_embeddings
+    if requested <= 0:
+        raise ValueError(f"--context-length must be positive, got {requested}")
+    if requested > cfg.max_position_embeddings:
+        logger.warning(
+            "context length %d exceeds the model's %d; quality may degrade",
+            requested,
+            cfg.max_position_embeddings,
+        )
+    return requested
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
