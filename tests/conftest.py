@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random models made on the fly, and the default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests run many small ops; two threads fighting over two cores only adds latency variance.
+torch.set_num_threads(int(os.environ.get("SMALLM_TEST_THREADS", "2")))
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def make_tiny_model(out: Path, kind: str, vocab_size: int = 512, seed: int = 0, **extra) -> Path:
+    """Save a random HF model of family ``kind`` (llama | qwen2 | qwen3) into ``out``."""
+    import transformers as tf
+
+    classes = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(seed)
+    cfg = config_cls(**{**TINY, "vocab_size": vocab_size, **extra})
+    model = model_cls(cfg).eval()
+    model.save_pretrained(out)
+    return out
+
+
+TINY_VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        name: make_tiny_model(root / name, kind, **extra)
+        for name, (kind, extra) in TINY_VARIANTS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from smallm.runtime.model.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from smallm.runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_dir)
