@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import time
 
-import numpy as np
-import torch
+from smallm.runtime.cpu_threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported; see smallm/runtime/cpu_threads.py
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def measure_bandwidth_gbs(mib: int = 1024) -> float:
@@ -49,7 +54,7 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 class SmallmSide:
-    def __init__(self, model_dir: str, dtype: str, max_batch: int, max_len: int):
+    def __init__(self, model_dir: str, dtype: str, max_batch: int, max_len: int, matmul: str):
         from smallm.runtime.model.model_runner import ModelRunner, RunnerConfig
         from smallm.runtime.static_batch import StaticBatchGenerator
 
@@ -59,9 +64,11 @@ class SmallmSide:
                 dtype=dtype,
                 max_total_tokens=max_batch * max_len + 16,
                 max_running_requests=max_batch,
+                matmul_backend=matmul,
             )
         )
         self.gen = StaticBatchGenerator(self.runner, eos_token_ids=[])
+        self.threads = torch.get_num_threads()
 
     def _extend(self, rows, prefix, toks):
         from smallm.runtime.model.forward_batch import BatchEntry
@@ -141,6 +148,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument(
+        "--matmul-backends",
+        default="auto",
+        help="comma list of smallm matmul backends to measure (auto, torch, openblas)",
+    )
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
 
@@ -160,26 +172,36 @@ def main() -> None:
     max_b = max(batch_sizes)
     all_prompts = rng.integers(100, 49000, (max_b, args.prompt_len)).tolist()
     rows = []
-    for dtype_name in args.dtypes.split(","):
+    configs = [(d, m) for d in args.dtypes.split(",") for m in args.matmul_backends.split(",")]
+    for dtype_name, matmul in configs:
+        if dtype_name != "float32" and matmul == "openblas":
+            continue
         dtype = getattr(torch, dtype_name)
-        ours = SmallmSide(model_dir, dtype_name, max_b, args.prompt_len + args.new_tokens + 8)
+        ours = SmallmSide(
+            model_dir, dtype_name, max_b, args.prompt_len + args.new_tokens + 8, matmul
+        )
         wbytes = weight_bytes(ours.runner.model)
         bound_ms = wbytes / (bw * 1e9) * 1e3
         hf = None if args.skip_hf else HFSide(model_dir, dtype)
         for b in batch_sizes:
+            # HF runs under the thread count smallm chose last; give it every core.
+            torch.set_num_threads(os.cpu_count() or 1)
             prompts = all_prompts[:b]
             # Warm up both (first calls pay one-off kernel selection costs).
+            torch.set_num_threads(ours.threads)
             ours.prefill_and_decode(prompts[:1], 2)
             tp, td = ours.prefill_and_decode(prompts, args.decode_steps)
             tg = ours.generate(prompts, args.new_tokens)
             row = {
                 "dtype": dtype_name,
+                "matmul": ours.runner.matmul_backend,
                 "B": b,
                 "prefill": b * args.prompt_len / tp,
                 "step": td * 1e3,
                 "gen": b * args.new_tokens / tg,
             }
             if hf is not None:
+                torch.set_num_threads(os.cpu_count() or 1)
                 hf.prefill_and_decode(prompts[:1], 2)
                 hp, hd = hf.prefill_and_decode(prompts, args.decode_steps)
                 hg = hf.generate(prompts, args.new_tokens)
@@ -209,21 +231,21 @@ def _pair(r: dict, ours: str, theirs: str, fmt: str) -> str:
 
 def _table(rows: list[dict], args) -> str:
     out = [
-        "| dtype | batch | prefill tok/s smallm / HF | decode step ms smallm / HF | "
+        "| dtype | matmul | batch | prefill tok/s smallm / HF | decode step ms smallm / HF | "
         f"generate {args.new_tokens} tok/s smallm / HF | speed-up (generate) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['gen'] / r['hf_gen']:.2f}x" if "hf_gen" in r else "-"
         out.append(
-            f"| {r['dtype']} | {r['B']} | {_pair(r, 'prefill', 'hf_prefill', '.0f')} | "
+            f"| {r['dtype']} | {r['matmul']} | {r['B']} | {_pair(r, 'prefill', 'hf_prefill', '.0f')} | "
             f"{_pair(r, 'step', 'hf_step', '.1f')} | {_pair(r, 'gen', 'hf_gen', '.1f')} | "
             f"{speed} |"
         )
     for r in rows:
         if "bound_ms" in r:
             out.append(
-                f"\n{r['dtype']} batch-1 decode step {r['step']:.1f} ms vs bandwidth bound "
+                f"\n{r['dtype']} ({r['matmul']}) batch-1 decode step {r['step']:.1f} ms vs bandwidth bound "
                 f"{r['bound_ms']:.1f} ms: {r['step'] / r['bound_ms']:.2f}x the bound"
             )
     return "\n".join(out)

@@ -82,6 +82,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smallm.runtime.cpu_threads import prefer_passive_openmp
+
+    prefer_passive_openmp()
     parser = argparse.ArgumentParser(prog="smallm", description=__doc__)
     parser.add_argument("--log-level", default="warning")
     sub = parser.add_subparsers(dest="command", required=True)

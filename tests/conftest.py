@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-import torch
+from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-# Tests run many small ops; two threads fighting over two cores only adds latency variance.
-torch.set_num_threads(int(os.environ.get("SMALLM_TEST_THREADS", "2")))
+# Before torch loads: the runner's OpenBLAS matmuls and torch's threads share two cores.
+prefer_passive_openmp()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY = dict(
     hidden_size=64,

@@ -7,6 +7,45 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run its float32 matmul through numpy's OpenBLAS.
+
+    On AVX2-only CPUs torch's MKL path for small batches is single-threaded and reaches about
+    half the memory bandwidth, while OpenBLAS's threaded GEMV/GEMM saturates it (decode at
+    batch 1 is reading-weights-bound). Arrays are shared, not copied, in both directions.
+    """
+
+    use_openblas: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_openblas:
+            return super().forward(x)
+        out = matmul_weight_t(x, self.weight, openblas=True)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+
+def matmul_weight_t(x: torch.Tensor, weight: torch.Tensor, openblas: bool) -> torch.Tensor:
+    """``x @ weight.T`` for x [..., in] and weight [out, in], optionally through OpenBLAS."""
+    if not openblas:
+        return x @ weight.T
+    flat = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+    return torch.from_numpy(flat @ weight.numpy().T).view(*x.shape[:-1], -1)
+
+
+def set_matmul_backend(model: nn.Module, backend: str) -> None:
+    """Choose how every ``Linear`` in ``model`` multiplies: ``torch`` or ``openblas``
+    (float32 on CPU only)."""
+    if backend not in ("torch", "openblas"):
+        raise ValueError(f"matmul backend must be torch or openblas, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, Linear):
+            if backend == "openblas" and module.weight.dtype != torch.float32:
+                raise ValueError("the openblas matmul backend needs float32 weights")
+            module.use_openblas = backend == "openblas"
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation computed in float32, as HF does, then cast back."""
 
@@ -28,8 +67,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)

@@ -14,7 +14,7 @@ from torch import nn
 from smallm.runtime.attention.base import AttentionBackend
 from smallm.runtime.model.config import ModelConfig
 from smallm.runtime.model.forward_batch import ForwardBatch
-from smallm.runtime.model.layers import GatedMLP, RMSNorm
+from smallm.runtime.model.layers import GatedMLP, Linear, RMSNorm
 from smallm.runtime.model.rotary import RotaryEmbedding, _rotate
 
 
@@ -29,10 +29,10 @@ class Attention(nn.Module):
         )
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from smallm.runtime.cache.kv_pool import KVPool
 from smallm.runtime.cache.req_to_token import ReqToTokenPool
 from smallm.runtime.model.config import ModelConfig
 from smallm.runtime.model.forward_batch import BatchEntry, ForwardBatch
+from smallm.runtime.model.layers import matmul_weight_t, set_matmul_backend
 from smallm.runtime.model.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ class RunnerConfig:
     max_running_requests: int = 256
     mem_fraction_static: float = 0.25
     attention_backend: str = "torch_native"
+    # auto: OpenBLAS for float32 (faster than torch's MKL path on CPUs; see layers.Linear).
+    matmul_backend: str = "auto"
+    # torch intra-op threads for this process; None: every core. With OpenBLAS matmuls, start
+    # the process through cpu_threads.prefer_passive_openmp() so the two pools don't spin.
+    torch_threads: int | None = None
 
 
 @dataclass
@@ -57,6 +64,16 @@ class ModelRunner:
         cfg = ModelConfig.from_path(config.model_path)
         self.dtype = resolve_dtype(config.dtype, cfg)
         self.model_config, self.model = load_model(config.model_path, self.dtype)
+        self.matmul_backend = _matmul_backend(config.matmul_backend, self.dtype)
+        set_matmul_backend(self.model, self.matmul_backend)
+        self._openblas = self.matmul_backend == "openblas"
+        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        if self._openblas and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            logger.warning(
+                "OpenBLAS matmuls with torch's OpenMP threads spinning are much slower: start the "
+                "process with OMP_WAIT_POLICY=PASSIVE (smallm's entry points do), or use "
+                "matmul_backend='torch'"
+            )
         self.context_length = _context_length(config.context_length, self.model_config)
         self.model.init_rotary(self.context_length, self.dtype)
         capacity = config.max_total_tokens or self._default_capacity()
@@ -75,9 +92,10 @@ class ModelRunner:
             scale=1.0 / math.sqrt(cfg.head_dim),
         )
         logger.info(
-            "model %s loaded: %s, %d layers, KV pool %d tokens (%.1f MiB), context %d",
+            "model %s loaded: %s (%s matmuls), %d layers, KV pool %d tokens (%.1f MiB), context %d",
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
+            self.matmul_backend,
             cfg.num_layers,
             capacity,
             self.kv_pool.nbytes / 2**20,
@@ -106,14 +124,14 @@ class ModelRunner:
         if next_rows:
             last = [batch.extend_starts[i] + batch.extend_lens[i] - 1 for i in next_rows]
             rows = hidden[last] if len(last) != hidden.shape[0] else hidden
-            next_logits = (rows @ weight.T).float()
+            next_logits = matmul_weight_t(rows, weight, self._openblas).float()
         input_lp: list[InputLogprobs | None] = [None] * batch.batch_size
         for i, e in enumerate(batch.entries):
             if e.logprob_start is None or not e.logprob_targets:
                 continue
             start = batch.extend_starts[i] + e.logprob_start
             h = hidden[start : start + len(e.logprob_targets)]
-            logprobs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            logprobs = torch.log_softmax(matmul_weight_t(h, weight, self._openblas).float(), -1)
             targets = torch.tensor(e.logprob_targets).unsqueeze(1)
             chosen = logprobs.gather(1, targets).squeeze(1).tolist()
             top = None
@@ -124,6 +142,12 @@ class ModelRunner:
                 ]
             input_lp[i] = InputLogprobs(chosen, top)
         return LogitsOutput(next_logits, next_rows, input_lp)
+
+
+def _matmul_backend(name: str, dtype: torch.dtype) -> str:
+    if name == "auto":
+        return "openblas" if dtype == torch.float32 else "torch"
+    return name
 
 
 def _context_length(requested: int | None, cfg: ModelConfig) -> int:
