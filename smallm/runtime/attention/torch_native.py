@@ -89,19 +89,18 @@ class TorchNativeBackend(AttentionBackend):
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, group: _DecodeGroup
     ) -> torch.Tensor:
         b, n = group.slots.shape
+        num_kv_heads, head_dim = k_buf.shape[1:]
         flat = group.slots.view(-1)
         # index_select on the flat slot list is several times faster than advanced indexing.
-        keys = k_buf.index_select(0, flat).view(b, n, *k_buf.shape[1:]).transpose(1, 2)
-        values = v_buf.index_select(0, flat).view(b, n, *v_buf.shape[1:]).transpose(1, 2)
+        keys = k_buf.index_select(0, flat).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_buf.index_select(0, flat).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+        # The query heads sharing a KV head become that head's "query positions" (no causal
+        # mask among them), so each KV head's keys are read once instead of once per query head.
+        queries = q.view(b, num_kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, Hq, 1, D]
-            keys,
-            values,
-            attn_mask=group.mask,
-            scale=self.scale,
-            enable_gqa=True,
+            queries, keys, values, attn_mask=group.mask, scale=self.scale
         )
-        return out.squeeze(2)
+        return out.reshape(b, -1, head_dim)
 
     def _extend(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, ext: _Extend
