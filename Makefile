@@ -29,8 +29,8 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check smallm tests benchmarks examples
-	$(BIN)/ruff format --check smallm tests benchmarks examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py $(ARGS)
