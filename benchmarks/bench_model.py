@@ -150,8 +150,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument(
         "--matmul-backends",
-        default="auto",
-        help="comma list of smallm matmul backends to measure (auto, torch, openblas)",
+        default="torch,openblas",
+        help="comma list of smallm matmul backends to measure (torch, openblas)",
     )
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()

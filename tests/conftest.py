@@ -88,3 +88,19 @@ def default_tokenizer(default_model_dir):
     from smallm.runtime.tokenizer import load_tokenizer
 
     return load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A tiny random Llama with the default model's tokenizer (vocabulary 49,152), for fast
+    runtime tests that need text in and text out."""
+    import shutil
+
+    out = make_tiny_model(tmp_path_factory.mktemp("tinychat") / "m", "llama", vocab_size=49152)
+    for f in Path(default_model_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in (
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ):
+            shutil.copy(f, out / f.name)
+    return out

@@ -32,8 +32,9 @@ class RunnerConfig:
     max_running_requests: int = 256
     mem_fraction_static: float = 0.25
     attention_backend: str = "torch_native"
-    # auto: OpenBLAS for float32 (faster than torch's MKL path on CPUs; see layers.Linear).
-    matmul_backend: str = "auto"
+    # torch | openblas (float32 only; see layers.Linear: faster on a quiet machine, much slower
+    # when another process competes for the cores, so not the default).
+    matmul_backend: str = "torch"
     # torch intra-op threads for this process; None: every core. With OpenBLAS matmuls, start
     # the process through cpu_threads.prefer_passive_openmp() so the two pools don't spin.
     torch_threads: int | None = None
@@ -145,8 +146,8 @@ class ModelRunner:
 
 
 def _matmul_backend(name: str, dtype: torch.dtype) -> str:
-    if name == "auto":
-        return "openblas" if dtype == torch.float32 else "torch"
+    if name == "openblas" and dtype != torch.float32:
+        raise ValueError("matmul_backend='openblas' needs --dtype float32")
     return name
 
 

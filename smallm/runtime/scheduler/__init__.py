@@ -1,0 +1,1 @@
+"""Continuous batching over the model runner, with a prefix cache."""

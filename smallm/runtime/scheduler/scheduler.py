@@ -1,0 +1,455 @@
+"""Continuous batching: every step runs all decoding requests plus prefill chunks in one pass.
+
+One ``step()``:
+1. take new requests, aborts and cache flushes from the inbox;
+2. make room for one new token per decoding request (evict cached prefixes, else retract);
+3. fill the prefill budget (``chunked_prefill_size`` tokens) with the unfinished chunks of
+   admitted requests, then with waiting requests in policy order, as KV memory allows;
+4. one forward pass over decodes and prefill chunks together; sample where a sequence is ready;
+5. finish, cache and free what is done; report new tokens.
+
+The scheduler owns its memory (through the model runner) and never blocks: everything it does
+is bounded by the batch it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from smallm.runtime.cache.radix_cache import create_prefix_cache
+from smallm.runtime.messages import (
+    AbortRequest,
+    FlushCacheRequest,
+    GenerateRequest,
+    TokenOutput,
+)
+from smallm.runtime.model.forward_batch import BatchEntry
+from smallm.runtime.model.model_runner import LogitsOutput, ModelRunner
+from smallm.runtime.sampling import Sampler, SamplingBatchInfo
+from smallm.runtime.scheduler.policy import order_waiting
+from smallm.runtime.scheduler.request import Phase, Req
+from smallm.runtime.scheduler.stop import StopChecker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    """Scheduling knobs (server flags of the same names)."""
+
+    max_running_requests: int | None = None  # None: the request table's size
+    chunked_prefill_size: int = 512  # prefill tokens per step; <= 0: whole prompts
+    schedule_policy: str = "lpm"  # lpm | fcfs
+    disable_radix_cache: bool = False
+    random_seed: int | None = None
+    # Share of each running request's remaining max_new_tokens kept free when admitting more.
+    # Low values admit more at the risk of retraction; retraction raises it, calm decays it.
+    init_new_token_ratio: float = 0.5
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.002
+
+
+@dataclass
+class FlushCacheResult:
+    success: bool
+
+
+class Scheduler:
+    """Owns the request queue, the prefix cache and the model runner's KV memory."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: SchedulerConfig,
+        eos_token_ids: list[int],
+        tokenizer: Any = None,
+    ):
+        self.runner = runner
+        self.config = config
+        self.pool = runner.kv_pool
+        self.table = runner.req_to_token
+        self.cache = create_prefix_cache(config.disable_radix_cache, self.pool.free)
+        self.sampler = Sampler(runner.model_config.vocab_size, seed=config.random_seed)
+        self.eos_token_ids = set(eos_token_ids)
+        self.stop_checker = StopChecker(tokenizer)
+        self.max_running = min(
+            config.max_running_requests or self.table.max_requests, self.table.max_requests
+        )
+        if config.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(
+                f"--schedule-policy must be lpm or fcfs, got {config.schedule_policy!r}"
+            )
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # admitted: PREFILL or DECODE, in admission order
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.new_token_ratio = config.init_new_token_ratio
+        self.num_retractions = 0
+        self.forward_steps = 0
+
+    # ---- inbox (thread-safe) -------------------------------------------------------------
+
+    def submit(self, msg: GenerateRequest | AbortRequest | FlushCacheRequest) -> None:
+        self.inbox.put(msg)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or not self.inbox.empty())
+
+    def _drain_inbox(self, out: list) -> None:
+        while True:
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, GenerateRequest):
+                self._accept(msg, out)
+            elif isinstance(msg, AbortRequest):
+                self._abort(msg, out)
+            elif isinstance(msg, FlushCacheRequest):
+                out.append(FlushCacheResult(self.flush_cache()))
+
+    def _accept(self, msg: GenerateRequest, out: list) -> None:
+        n = len(msg.input_ids)
+        limit = self.runner.context_length
+        error = None
+        if n == 0:
+            error = "the prompt is empty"
+        elif n >= limit:
+            error = f"the prompt has {n} tokens; the context length is {limit}"
+        elif n + 1 > self.pool.capacity:
+            error = f"the prompt has {n} tokens; the KV pool holds {self.pool.capacity}"
+        if error:
+            out.append(_abort_output(msg.rid, error, n))
+            return
+        # Like SGLang: a request may ask for more tokens than fit; it stops at the context end.
+        msg.params.max_new_tokens = min(msg.params.max_new_tokens, limit - n)
+        self.waiting.append(Req(msg))
+
+    def _abort(self, msg: AbortRequest, out: list) -> None:
+        def hit(r: Req) -> bool:
+            return msg.abort_all or r.rid == msg.rid
+
+        for r in [r for r in self.waiting if hit(r)]:
+            self.waiting.remove(r)
+            out.append(_abort_output(r.rid, "aborted", len(r.prompt_ids)))
+        for r in [r for r in self.running if hit(r)]:
+            self._release(r)
+            self.running.remove(r)
+            r.finish_reason = {"type": "abort", "message": "aborted"}
+            out.append(self._output(r))
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; refused (False) while requests hold parts of it."""
+        if self.running:
+            return False
+        ok = self.cache.flush()
+        if ok:
+            self.cache.reset_stats()
+        return ok
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOutput | FlushCacheResult]:
+        """Advance every admitted request by one forward pass; return what they produced."""
+        out: list[TokenOutput | FlushCacheResult] = []
+        self._drain_inbox(out)
+        decodes = self._prepare_decodes(out)
+        prefills = self._schedule_prefills()
+        entries = [e for _, e in decodes] + [e for _, e in prefills]
+        if not entries:
+            return out
+        result = self.runner.forward(entries)
+        self.forward_steps += 1
+        self._process(decodes, prefills, result, out)
+        self.new_token_ratio = max(
+            self.config.min_new_token_ratio,
+            self.new_token_ratio - self.config.new_token_ratio_decay,
+        )
+        return out
+
+    def _prepare_decodes(self, out: list) -> list[tuple[Req, BatchEntry]]:
+        decoding = [r for r in self.running if r.phase is Phase.DECODE]
+        # Make room for one token each: evict cached prefixes, then retract half-prefilled
+        # requests, then the newest decoding ones.
+        while decoding and not self._ensure_free(len(decoding)):
+            prefilling = [r for r in self.running if r.phase is Phase.PREFILL]
+            if prefilling:
+                self._retract(prefilling[-1])
+            elif len(decoding) > 1:
+                self._retract(decoding.pop())
+            else:
+                # Alone and still out of memory: its sequence outgrew the whole KV pool.
+                r = decoding.pop()
+                r.finish_reason = {"type": "length", "length": len(r.output_ids)}
+                self._release(r)
+                self.running.remove(r)
+                r.phase = Phase.FINISHED
+                out.append(self._output(r))
+        entries = []
+        for r in decoding:
+            slot = self.pool.alloc(1)
+            self.table.write(r.req_pool_index, r.kv_len, slot)
+            entries.append((r, BatchEntry(r.req_pool_index, r.kv_len, [r.all_ids[r.kv_len]])))
+        return entries
+
+    def _schedule_prefills(self) -> list[tuple[Req, BatchEntry]]:
+        budget = self.config.chunked_prefill_size
+        budget = budget if budget > 0 else float("inf")
+        chosen: list[tuple[Req, BatchEntry]] = []
+        # Chunks of admitted requests first: they already hold memory.
+        for r in self.running:
+            if r.phase is Phase.PREFILL and budget > 0:
+                entry = self._prefill_chunk(r, budget)
+                if entry is None:
+                    break
+                chosen.append((r, entry))
+                budget -= len(entry.token_ids)
+        groups_in_prefill = {r.msg.group for r, _ in chosen if r.msg.group}
+        if self.waiting:
+            self.waiting = order_waiting(self.waiting, self.config.schedule_policy, self.cache)
+        for r in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if r.msg.group and r.msg.group in groups_in_prefill:
+                continue  # let a sibling's prompt reach the cache first, then reuse it
+            if not self._admit(r):
+                break
+            entry = self._prefill_chunk(r, budget)
+            if entry is None:
+                self._release(r)
+                self.running.remove(r)
+                r.phase = Phase.WAITING
+                break
+            self.waiting.remove(r)
+            if r.msg.group:
+                groups_in_prefill.add(r.msg.group)
+            chosen.append((r, entry))
+            budget -= len(entry.token_ids)
+        return chosen
+
+    def _admit(self, r: Req) -> bool:
+        """Reserve a table row and lock r's cached prefix, if memory for it is in sight."""
+        ids = r.all_ids
+        # At least one token must be computed to get logits; input logprobs need their
+        # positions computed too.
+        limit = len(ids) - 1
+        if r.wants_input_logprobs and r.input_logprobs is None:
+            limit = min(limit, self._logprob_start(r))
+        match = self.cache.match_prefix(ids[:limit])
+        need = len(ids) - len(match.slots) + self._reserve(r)
+        committed = sum(self._reserve(o) + len(o.all_ids) - o.kv_len for o in self.running)
+        if (
+            self.table.num_free == 0
+            or need + committed > self.pool.num_free + self.cache.evictable_size
+        ):
+            return False
+        self.cache.lock(match.node)
+        r.locked_node = match.node
+        r.req_pool_index = self.table.alloc()
+        self.table.write(r.req_pool_index, 0, match.slots)
+        r.kv_len = len(match.slots)
+        if not r.admitted_once:
+            r.cached_tokens = len(match.slots)
+            r.admitted_once = True
+        r.phase = Phase.PREFILL
+        self.running.append(r)
+        return True
+
+    def _reserve(self, r: Req) -> int:
+        return int(r.remaining_tokens() * self.new_token_ratio)
+
+    def _prefill_chunk(self, r: Req, budget: float) -> BatchEntry | None:
+        ids = r.all_ids
+        n = int(min(len(ids) - r.kv_len, budget))
+        if not self._ensure_free(n):
+            return None
+        slots = self.pool.alloc(n)
+        self.table.write(r.req_pool_index, r.kv_len, slots)
+        start, end = r.kv_len, r.kv_len + n
+        entry = BatchEntry(
+            r.req_pool_index, start, ids[start:end], need_next_logits=end == len(ids)
+        )
+        if r.wants_input_logprobs and r.input_logprobs is None:
+            first = max(start, self._logprob_start(r))
+            last = min(end, len(r.prompt_ids) - 1)  # positions that predict a prompt token
+            if first < last:
+                entry.logprob_start = first - start
+                entry.logprob_targets = ids[first + 1 : last + 1]
+                entry.top_logprobs_num = r.msg.top_logprobs_num
+        return entry
+
+    def _logprob_start(self, r: Req) -> int:
+        return min(max(r.msg.logprob_start_len, 0), len(r.prompt_ids) - 1)
+
+    def _ensure_free(self, n: int) -> bool:
+        if self.pool.num_free < n:
+            self.cache.evict(n - self.pool.num_free)
+        return self.pool.num_free >= n
+
+    # ---- after the forward pass ----------------------------------------------------------
+
+    def _process(self, decodes, prefills, result: LogitsOutput, out: list) -> None:
+        for r, _ in decodes:
+            r.kv_len += 1
+        ready: list[Req] = [r for r, _ in decodes]
+        for i, (r, e) in enumerate(prefills, start=len(decodes)):
+            r.kv_len += len(e.token_ids)
+            lp = result.input_logprobs[i]
+            if r.wants_input_logprobs and r.input_logprobs is None:
+                self._collect_input_logprobs(r, e, lp)
+            # Put the computed prefix into the cache now, so siblings and requests sharing it
+            # reuse it, and chunked prompts never hold more than one chunk privately.
+            self._cache_progress(r)
+            if r.kv_len == len(r.all_ids):
+                self._finish_input_logprobs(r)
+                if r.max_new_tokens == 0:
+                    r.finish_reason = {"type": "length", "length": 0}
+                else:
+                    r.phase = Phase.DECODE
+                    ready.append(r)
+        order = [r for r, _ in decodes] + [r for r, _ in prefills]
+        if ready:
+            # next_rows lists the batch entries that got logits, in batch order.
+            row_of = {entry: k for k, entry in enumerate(result.next_rows)}
+            position = {id(r): i for i, r in enumerate(order)}
+            rows = [row_of[position[id(r)]] for r in ready]
+            logits = result.next_token_logits
+            if rows != list(range(logits.shape[0])):
+                logits = logits[rows]
+            self._sample(ready, logits)
+        for r in order:
+            if r.finish_reason is not None and r.phase is not Phase.FINISHED:
+                self._release(r)
+                self.running.remove(r)
+                r.phase = Phase.FINISHED
+            if r.pending_ids or r.finish_reason is not None or self._input_logprobs_due(r):
+                out.append(self._output(r))
+
+    def _sample(self, reqs: list[Req], logits) -> None:
+        want_lp = [r.msg.return_logprob for r in reqs]
+        info = SamplingBatchInfo.build(
+            [r.msg.params for r in reqs],
+            [r.output_ids for r in reqs],
+            [r.prompt_ids for r in reqs],
+            self.eos_token_ids,
+            logits.shape[1],
+            return_logprob=want_lp if any(want_lp) else None,
+            top_logprobs_num=[r.msg.top_logprobs_num for r in reqs] if any(want_lp) else None,
+        )
+        sampled = self.sampler.sample(logits, info)
+        for j, r in enumerate(reqs):
+            tok = sampled.next_token_ids[j]
+            r.output_ids.append(tok)
+            r.pending_ids.append(tok)
+            if r.msg.return_logprob and sampled.logprobs is not None:
+                r.pending_logprobs.append((sampled.logprobs[j], tok))
+                if r.msg.top_logprobs_num and sampled.top_logprobs is not None:
+                    r.pending_top.append(sampled.top_logprobs[j])
+            r.finish_reason = self._check_finished(r, tok)
+
+    def _check_finished(self, r: Req, tok: int) -> dict | None:
+        sp = r.msg.params
+        n = len(r.output_ids)
+        if n >= sp.min_new_tokens:
+            if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.eos_token_ids):
+                return {"type": "stop", "matched": tok}
+            if sp.stop:
+                matched = self.stop_checker.find(r.output_ids, sp.stop)
+                if matched is not None:
+                    return {"type": "stop", "matched": matched}
+        if n >= sp.max_new_tokens or len(r.all_ids) >= self.runner.context_length:
+            return {"type": "length", "length": n}
+        return None
+
+    def _collect_input_logprobs(self, r: Req, e: BatchEntry, lp) -> None:
+        if lp is None:
+            return
+        r.input_acc.extend(zip(lp.logprobs, e.logprob_targets))
+        if lp.top is not None:
+            r.input_top_acc.extend(lp.top)
+
+    def _finish_input_logprobs(self, r: Req) -> None:
+        if not r.wants_input_logprobs or r.input_logprobs is not None:
+            return
+        start = self._logprob_start(r)
+        r.input_logprobs = [(None, r.prompt_ids[start])] + [(float(v), t) for v, t in r.input_acc]
+        if r.msg.top_logprobs_num:
+            r.input_top = [None, *r.input_top_acc]
+        r.input_acc, r.input_top_acc = [], []
+
+    def _input_logprobs_due(self, r: Req) -> bool:
+        return r.input_logprobs is not None and not r.input_logprobs_sent
+
+    def _output(self, r: Req) -> TokenOutput:
+        o = TokenOutput(
+            rid=r.rid,
+            new_token_ids=r.pending_ids,
+            finished=r.finish_reason is not None,
+            finish_reason=r.finish_reason,
+            prompt_tokens=len(r.prompt_ids),
+            completion_tokens=len(r.output_ids),
+            cached_tokens=r.cached_tokens,
+            output_logprobs=r.pending_logprobs,
+            output_top_logprobs=r.pending_top,
+        )
+        if self._input_logprobs_due(r):
+            o.input_logprobs, o.input_top_logprobs = r.input_logprobs, r.input_top
+            r.input_logprobs_sent = True
+        r.pending_ids, r.pending_logprobs, r.pending_top = [], [], []
+        return o
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def _slots(self, r: Req) -> np.ndarray:
+        return self.table.read(r.req_pool_index, 0, r.kv_len).copy()
+
+    def _cache_progress(self, r: Req) -> None:
+        """Hand the computed prefix to the cache; r keeps using it under a lock."""
+        match = self.cache.cache_request(
+            r.all_ids[: r.kv_len], self._slots(r), r.locked_node, finished=False
+        )
+        r.locked_node = match.node
+        self.table.write(r.req_pool_index, 0, match.slots)
+
+    def _release(self, r: Req) -> None:
+        """Give all of r's memory back: KV to the cache (which frees what it does not keep)."""
+        if r.req_pool_index < 0:
+            return
+        self.cache.cache_request(
+            r.all_ids[: r.kv_len], self._slots(r), r.locked_node, finished=True
+        )
+        self.table.free(r.req_pool_index)
+        r.req_pool_index, r.locked_node, r.kv_len = -1, None, 0
+
+    def _retract(self, r: Req) -> None:
+        """Send a decoding request back to the queue; its KV stays in the cache until evicted,
+        so re-admission usually recomputes little. No request is ever dropped."""
+        self._release(r)
+        self.running.remove(r)
+        r.phase = Phase.WAITING
+        self.waiting.insert(0, r)
+        self.num_retractions += 1
+        self.new_token_ratio = 1.0
+        logger.info("retracted %s (%d tokens) to free KV memory", r.rid, len(r.all_ids))
+
+    def check_idle_accounting(self) -> None:
+        """When nothing runs, every slot is free or cached (raises AssertionError otherwise)."""
+        assert not self.running
+        total = self.pool.num_free + self.cache.total_size
+        assert total == self.pool.capacity, (self.pool.num_free, self.cache.total_size)
+        assert self.table.num_free == self.table.max_requests
+
+
+def _abort_output(rid: str, message: str, prompt_tokens: int) -> TokenOutput:
+    return TokenOutput(
+        rid=rid,
+        new_token_ids=[],
+        finished=True,
+        finish_reason={"type": "abort", "message": message},
+        prompt_tokens=prompt_tokens,
+        error=message,
+    )
