@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Engine", "__version__"]
+
+if TYPE_CHECKING:
+    from smallm.runtime.engine import Engine
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import smallm` (the language) does not load torch until a runtime is used, and
+    # entry points can set the CPU thread policy before torch starts.
+    if name == "Engine":
+        from smallm.runtime.cpu_threads import prefer_passive_openmp
+
+        prefer_passive_openmp()
+        from smallm.runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'smallm' has no attribute {name!r}")

@@ -165,6 +165,8 @@ def test_async_api(engine):
     async def main():
         one = await engine.async_generate("The capital of France is", GREEDY)
         chunks = [c async for c in engine.async_generate_stream("The capital of France is", GREEDY)]
+        stream = await engine.async_generate("The capital of France is", GREEDY, stream=True)
+        assert [c async for c in stream][-1]["text"] == chunks[-1]["text"]
         return one, chunks
 
     one, chunks = asyncio.run(main())

@@ -117,10 +117,13 @@ class Engine:
         single = _is_single(prompt, input_ids)
         return results[0] if single and len(results) == 1 else results
 
-    async def async_generate(self, *args: Any, **kwargs: Any) -> dict | list[dict]:
-        """``generate`` without blocking the event loop (not streaming)."""
-        if kwargs.get("stream"):
-            raise ValueError("use async_generate_stream for streaming")
+    async def async_generate(
+        self, *args: Any, **kwargs: Any
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """``generate`` without blocking the event loop. With ``stream=True`` (as in SGLang) the
+        awaited result is an async iterator of cumulative-text chunks."""
+        if kwargs.pop("stream", False):
+            return self.async_generate_stream(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.generate(*args, **kwargs)
         )
