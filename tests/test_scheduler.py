@@ -164,3 +164,22 @@ def test_prompt_too_long_is_rejected_not_hung(tiny_chat_model_dir):
     # Asking for more than fits stops at the context end instead of failing.
     assert outs["clamped"].finish_reason == {"type": "length", "length": 8}
     sched.check_idle_accounting()
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_requests_arriving_together_share_a_prefix(defer, tiny_chat_model_dir):
+    sched = Scheduler(
+        _runner(tiny_chat_model_dir),
+        SchedulerConfig(defer_shared_prefix=defer, chunked_prefill_size=64),
+        eos_token_ids=[],
+    )
+    prefix = list(range(2000, 2100))
+    msgs = [_msg(f"s{i}", [*prefix, 5000 + i, 6000 + i], 3) for i in range(6)]
+    done = _drive(sched, {0: msgs})
+    cached = sorted(o.cached_tokens for o in done.values())
+    if defer:
+        # The first computes the shared 100 tokens; the others wait for them and reuse them all.
+        assert cached == [0] + [100] * 5
+    else:
+        assert cached.count(100) < 5
+    sched.check_idle_accounting()

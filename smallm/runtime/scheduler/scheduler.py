@@ -31,7 +31,7 @@ from smallm.runtime.messages import (
 from smallm.runtime.model.forward_batch import BatchEntry
 from smallm.runtime.model.model_runner import LogitsOutput, ModelRunner
 from smallm.runtime.sampling import Sampler, SamplingBatchInfo
-from smallm.runtime.scheduler.policy import order_waiting
+from smallm.runtime.scheduler.policy import InFlightPrefixes, order_waiting
 from smallm.runtime.scheduler.request import Phase, Req
 from smallm.runtime.scheduler.stop import StopChecker
 
@@ -52,6 +52,9 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.5
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.002
+    # Hold back a waiting request whose prompt shares an uncached prefix with one being
+    # prefilled, so it reuses that prefix from the cache instead of computing it again.
+    defer_shared_prefix: bool = True
 
 
 @dataclass
@@ -209,6 +212,8 @@ class Scheduler:
                 chosen.append((r, entry))
                 budget -= len(entry.token_ids)
         groups_in_prefill = {r.msg.group for r, _ in chosen if r.msg.group}
+        defer = self.config.defer_shared_prefix and not self.config.disable_radix_cache
+        in_flight = InFlightPrefixes(r.all_ids for r in self.running if r.phase is Phase.PREFILL)
         if self.waiting:
             self.waiting = order_waiting(self.waiting, self.config.schedule_policy, self.cache)
         for r in list(self.waiting):
@@ -216,8 +221,11 @@ class Scheduler:
                 break
             if r.msg.group and r.msg.group in groups_in_prefill:
                 continue  # let a sibling's prompt reach the cache first, then reuse it
+            if defer and in_flight.shares_uncached(r.all_ids, self.cache):
+                continue  # a request being prefilled computes this prefix; reuse it next
             if not self._admit(r):
                 break
+            in_flight.add(r.all_ids)
             entry = self._prefill_chunk(r, budget)
             if entry is None:
                 self._release(r)
