@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
+
+# Before anything imports Triton (transformers' model code does): Triton decides at import time
+# whether its own library functions run in the CPU interpreter, which the kernel tests need.
+os.environ["TRITON_INTERPRET"] = "1"
 
 # Before torch loads: the runner's OpenBLAS matmuls and torch's threads share two cores.
 prefer_passive_openmp()

@@ -98,17 +98,10 @@ class Engine:
         """Generate for one prompt (a dict back) or a list (a list back, in order; ``n > 1``
         gives n results per prompt, prompt-major). ``stream=True`` (one prompt, n = 1) returns an
         iterator of dicts whose ``text`` is cumulative."""
-        collectors = self._submit(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            return_text_in_logprobs,
-            stream,
-            rid,
+        options = _RequestOptions(
+            return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream
         )
+        collectors = self._submit(prompt, sampling_params, input_ids, options, rid)
         if stream:
             if len(collectors) != 1:
                 raise ValueError("stream=True takes one prompt with n = 1")
@@ -169,16 +162,7 @@ class Engine:
     # ---- internals -----------------------------------------------------------------------
 
     def _submit(
-        self,
-        prompt,
-        sampling_params,
-        input_ids,
-        return_logprob,
-        logprob_start_len,
-        top_logprobs_num,
-        return_text_in_logprobs,
-        stream,
-        rid,
+        self, prompt, sampling_params, input_ids, options: _RequestOptions, rid
     ) -> list[_Collector]:
         if self._stopping.is_set():
             raise RuntimeError("the engine is shut down")
@@ -211,13 +195,16 @@ class Engine:
                     rid=base if params.n == 1 else f"{base}-{i}",
                     input_ids=list(ids),
                     params=sample,
-                    return_logprob=return_logprob,
-                    logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
-                    top_logprobs_num=top_logprobs_num or 0,
-                    stream=stream,
+                    return_logprob=options.return_logprob,
+                    logprob_start_len=-1
+                    if options.logprob_start_len is None
+                    else options.logprob_start_len,
+                    top_logprobs_num=options.top_logprobs_num or 0,
+                    stream=options.stream,
                     group=group,
                 )
-                msgs.append((msg, _Collector(self.tokenizer, msg, return_text_in_logprobs)))
+                collector = _Collector(self.tokenizer, msg, options.return_text_in_logprobs)
+                msgs.append((msg, collector))
         with self._lock:
             for msg, col in msgs:
                 if msg.rid in self._collectors:
@@ -284,6 +271,17 @@ class Engine:
             c.queue.put(
                 TokenOutput(rid, [], True, {"type": "abort", "message": message}, error=message)
             )
+
+
+@dataclasses.dataclass
+class _RequestOptions:
+    """Per-call options of ``generate`` that apply to every prompt in it."""
+
+    return_logprob: bool
+    logprob_start_len: int | None
+    top_logprobs_num: int | None
+    return_text_in_logprobs: bool
+    stream: bool
 
 
 class _Collector:

@@ -46,8 +46,20 @@ def set_matmul_backend(model: nn.Module, backend: str) -> None:
             module.use_openblas = backend == "openblas"
 
 
+def set_kernel_backend(model: nn.Module, backend: str) -> None:
+    """Run norms and rotary through ``torch`` ops (the default) or smallm's ``triton`` kernels
+    (chosen by the runner together with the Triton attention backend)."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"kernel backend must be torch or triton, got {backend!r}")
+    for module in model.modules():
+        if hasattr(module, "use_triton"):
+            module.use_triton = backend == "triton"
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation computed in float32, as HF does, then cast back."""
+
+    use_triton: bool = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -55,10 +67,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from smallm.kernels.dispatch import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = residual + x``; returns ``(self(h), h)`` (one fused kernel on the Triton path)."""
+        if self.use_triton:
+            from smallm.kernels.dispatch import fused_add_rms_norm
+
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        h = residual + x
+        return self(h), h
 
 
 class GatedMLP(nn.Module):

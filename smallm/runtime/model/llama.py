@@ -19,6 +19,8 @@ from smallm.runtime.model.rotary import RotaryEmbedding, _rotate
 
 
 class Attention(nn.Module):
+    use_triton: bool = False  # rotary through smallm's kernel (see layers.set_kernel_backend)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
@@ -53,8 +55,13 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        half = self.head_dim // 2
-        q, k = _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+        if self.use_triton:
+            from smallm.kernels.dispatch import apply_rotary
+
+            q, k = apply_rotary(q, k, cos, sin)
+        else:
+            half = self.head_dim // 2
+            q, k = _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
         return self.o_proj(backend.forward(q, k, v, self.layer_id, batch))
 
 
@@ -67,8 +74,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, batch, backend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, batch, backend)
+        x, h = self.post_attention_layernorm.add_and_norm(attn, h)
+        return h + self.mlp(x)
 
 
 class LlamaModel(nn.Module):

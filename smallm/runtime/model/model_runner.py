@@ -11,11 +11,12 @@ import torch
 
 from smallm.runtime.attention.base import AttentionBackend
 from smallm.runtime.attention.registry import create_backend
+from smallm.runtime.attention.triton_backend import TritonAttentionBackend
 from smallm.runtime.cache.kv_pool import KVPool
 from smallm.runtime.cache.req_to_token import ReqToTokenPool
 from smallm.runtime.model.config import ModelConfig
 from smallm.runtime.model.forward_batch import BatchEntry, ForwardBatch
-from smallm.runtime.model.layers import matmul_weight_t, set_matmul_backend
+from smallm.runtime.model.layers import matmul_weight_t, set_kernel_backend, set_matmul_backend
 from smallm.runtime.model.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class RunnerConfig:
     max_total_tokens: int | None = None
     max_running_requests: int = 256
     mem_fraction_static: float = 0.25
-    attention_backend: str = "torch_native"
+    # auto | torch_native | triton (auto: triton for a model on a CUDA GPU, torch_native on CPU).
+    attention_backend: str = "auto"
     # torch | openblas (float32 only; see layers.Linear: faster on a quiet machine, much slower
     # when another process competes for the cores, so not the default).
     matmul_backend: str = "torch"
@@ -91,6 +93,11 @@ class ModelRunner:
             self.kv_pool,
             self.req_to_token,
             scale=1.0 / math.sqrt(cfg.head_dim),
+        )
+        # The norm / rotary kernels follow the attention backend: Triton only when it was chosen.
+        set_kernel_backend(
+            self.model,
+            "triton" if isinstance(self.attn_backend, TritonAttentionBackend) else "torch",
         )
         logger.info(
             "model %s loaded: %s (%s matmuls), %d layers, KV pool %d tokens (%.1f MiB), context %d",
