@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from smallm.kernels.dispatch import apply_token_bitmask_  # Triton on CUDA, torch otherwise
 from smallm.runtime.sampling.batch_info import (
     SamplingBatchInfo,
-    apply_token_bitmask_,
     seeded_uniform,
 )
 
