@@ -63,6 +63,16 @@ class Req:
         return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
+    def seq_len(self) -> int:
+        """``len(all_ids)`` without building the list (the scheduler asks every step)."""
+        return len(self.msg.input_ids) + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        """``all_ids[i]`` without building the list."""
+        n = len(self.msg.input_ids)
+        return self.msg.input_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
     def wants_input_logprobs(self) -> bool:
         return self.msg.return_logprob and self.msg.logprob_start_len >= 0
 

@@ -196,7 +196,7 @@ class Scheduler:
         for r in decoding:
             slot = self.pool.alloc(1)
             self.table.write(r.req_pool_index, r.kv_len, slot)
-            entries.append((r, BatchEntry(r.req_pool_index, r.kv_len, [r.all_ids[r.kv_len]])))
+            entries.append((r, BatchEntry(r.req_pool_index, r.kv_len, [r.token_at(r.kv_len)])))
         return entries
 
     def _schedule_prefills(self) -> list[tuple[Req, BatchEntry]]:
@@ -249,7 +249,7 @@ class Scheduler:
             limit = min(limit, self._logprob_start(r))
         match = self.cache.match_prefix(ids[:limit])
         need = len(ids) - len(match.slots) + self._reserve(r)
-        committed = sum(self._reserve(o) + len(o.all_ids) - o.kv_len for o in self.running)
+        committed = sum(self._reserve(o) + o.seq_len - o.kv_len for o in self.running)
         if (
             self.table.num_free == 0
             or need + committed > self.pool.num_free + self.cache.evictable_size
@@ -312,7 +312,7 @@ class Scheduler:
             # Put the computed prefix into the cache now, so siblings and requests sharing it
             # reuse it, and chunked prompts never hold more than one chunk privately.
             self._cache_progress(r)
-            if r.kv_len == len(r.all_ids):
+            if r.kv_len == r.seq_len:
                 self._finish_input_logprobs(r)
                 if r.max_new_tokens == 0:
                     r.finish_reason = {"type": "length", "length": 0}
@@ -369,7 +369,7 @@ class Scheduler:
                 matched = self.stop_checker.find(r.output_ids, sp.stop)
                 if matched is not None:
                     return {"type": "stop", "matched": matched}
-        if n >= sp.max_new_tokens or len(r.all_ids) >= self.runner.context_length:
+        if n >= sp.max_new_tokens or r.seq_len >= self.runner.context_length:
             return {"type": "length", "length": n}
         return None
 
@@ -442,7 +442,7 @@ class Scheduler:
         self.waiting.insert(0, r)
         self.num_retractions += 1
         self.new_token_ratio = 1.0
-        logger.info("retracted %s (%d tokens) to free KV memory", r.rid, len(r.all_ids))
+        logger.info("retracted %s (%d tokens) to free KV memory", r.rid, r.seq_len)
 
     def check_idle_accounting(self) -> None:
         """When nothing runs, every slot is free or cached (raises AssertionError otherwise)."""
