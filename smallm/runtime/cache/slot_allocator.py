@@ -61,9 +61,3 @@ class SlotAllocator:
 
     def is_used(self, slot: int) -> bool:
         return bool(self._in_use[slot])
-
-    def reset(self) -> None:
-        """Free everything."""
-        self._stack[:] = np.arange(self.first + self.capacity - 1, self.first - 1, -1)
-        self._num_free = self.capacity
-        self._in_use[:] = False

@@ -50,14 +50,6 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return len(self.entries)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(n == 1 for n in self.extend_lens)
-
     @classmethod
     def build(cls, entries: list[BatchEntry], req_to_token: np.ndarray) -> ForwardBatch:
         """Flatten ``entries``; new tokens' slots are read from ``req_to_token`` (numpy table)."""

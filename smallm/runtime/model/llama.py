@@ -15,7 +15,7 @@ from smallm.runtime.attention.base import AttentionBackend
 from smallm.runtime.model.config import ModelConfig
 from smallm.runtime.model.forward_batch import ForwardBatch
 from smallm.runtime.model.layers import GatedMLP, Linear, RMSNorm
-from smallm.runtime.model.rotary import RotaryEmbedding, _rotate
+from smallm.runtime.model.rotary import RotaryEmbedding, apply_rotary
 
 
 class Attention(nn.Module):
@@ -56,12 +56,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_triton:
-            from smallm.kernels.dispatch import apply_rotary
+            from smallm.kernels.dispatch import apply_rotary as rotary_kernel
 
-            q, k = apply_rotary(q, k, cos, sin)
+            q, k = rotary_kernel(q, k, cos, sin)
         else:
-            half = self.head_dim // 2
-            q, k = _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+            q, k = apply_rotary(q, k, cos, sin)
         return self.o_proj(backend.forward(q, k, v, self.layer_id, batch))
 
 
@@ -119,8 +118,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         assert self.rotary is not None, "call init_rotary() before forward"
-        cos = self.rotary.cos[batch.positions].unsqueeze(1)
-        sin = self.rotary.sin[batch.positions].unsqueeze(1)
+        cos, sin = self.rotary.lookup(batch.positions)
         h = self.model.embed_tokens(batch.input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch, backend)
