@@ -254,6 +254,7 @@ def test_rms_norm_and_fused_residual(dtype, hidden):
 def test_rotary_matches_model_rotation(dtype, heads, head_dim):
     from smallm.runtime.model.config import RopeConfig
     from smallm.runtime.model.rotary import RotaryEmbedding
+    from smallm.runtime.model.rotary import apply_rotary as model_apply_rotary
 
     hq, hk = heads
     num_tokens = 9
@@ -262,13 +263,13 @@ def test_rotary_matches_model_rotation(dtype, heads, head_dim):
     qkv = _rand((num_tokens, (hq + 2 * hk) * head_dim), dtype, 0)
     q = qkv[:, : hq * head_dim].view(num_tokens, hq, head_dim)  # strided, like the model's
     k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(num_tokens, hk, head_dim)
-    cos, sin = rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1)
+    cos, sin = rope.lookup(positions)
     got_q, got_k = apply_rotary(q, k, cos, sin)
     want_q, want_k = apply_rotary_reference(q, k, cos, sin)
     torch.testing.assert_close(got_q, want_q, **TOL[dtype])
     torch.testing.assert_close(got_k, want_k, **TOL[dtype])
     # And the model's own rotation (which rounds per op in bfloat16) agrees to tolerance.
-    model_q, model_k = rope(positions, q, k)
+    model_q, model_k = model_apply_rotary(q, k, cos, sin)
     torch.testing.assert_close(got_q, model_q, **TOL[dtype])
     torch.testing.assert_close(got_k, model_k, **TOL[dtype])
 
