@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Until the HTTP server lands, `make serve` answers PROMPT with the default model, streaming.
+# Serves the default model on http://127.0.0.1:30000 (SGLang-native and OpenAI APIs);
+# pass flags with ARGS="--port 8000 --model-path DIR".
 serve: install
-	$(BIN)/smallm generate "$(PROMPT)" $(ARGS)
+	$(BIN)/smallm serve $(ARGS)
 
-generate: serve
+# Answers PROMPT with the default model in this process, streaming to the terminal.
+generate: install
+	$(BIN)/smallm generate "$(PROMPT)" $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

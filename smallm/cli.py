@@ -1,4 +1,4 @@
-"""The ``smallm`` command line: ``smallm generate PROMPT`` (``serve`` arrives with the server)."""
+"""The ``smallm`` command line: ``smallm serve [flags]`` and ``smallm generate PROMPT``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,26 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
     p.add_argument("--chat-template", default=None, help="Jinja template (string or file)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed after")
+    p.add_argument("--log-level", default="warning")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from smallm.runtime.config import ServerArgs
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (SGLang-native and OpenAI APIs)")
+    ServerArgs.add_cli_args(p)
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    from smallm.runtime.config import ServerArgs
+    from smallm.runtime.launch import launch_server
+
+    try:
+        args = ServerArgs.from_cli_args(ns)
+    except ValueError as e:
+        print(f"smallm serve: {e}", file=sys.stderr)
+        return 2
+    return launch_server(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -92,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_passive_openmp()
     parser = argparse.ArgumentParser(prog="smallm", description=__doc__)
-    parser.add_argument("--log-level", default="warning")
     sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
     _generate_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -109,3 +109,27 @@ def tiny_chat_model_dir(tmp_path_factory, default_model_dir) -> Path:
         ):
             shutil.copy(f, out / f.name)
     return out
+
+
+# A few thousand KV slots keep the servers' memory small; the tests never need more.
+TINY_SERVER_FLAGS = (
+    "--max-total-tokens", "8192", "--max-running-requests", "64", "--max-request-bytes", "1000000"
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_chat_model_dir):
+    """A real server subprocess on the tiny random chat model (fast; text is gibberish)."""
+    from server_process import ServerProcess
+
+    with ServerProcess(tiny_chat_model_dir, *TINY_SERVER_FLAGS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def default_server(default_model_dir):
+    """A real server subprocess on the default model (SmolLM2-135M-Instruct)."""
+    from server_process import ServerProcess
+
+    with ServerProcess(None, "--max-total-tokens", "16384") as server:
+        yield server

@@ -15,22 +15,22 @@ import itertools
 import logging
 import queue
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from smallm.runtime.detokenize import IncrementalDecoder
+from smallm.runtime.detokenize import TextAssembler
 from smallm.runtime.messages import (
     AbortRequest,
     FlushCacheRequest,
+    FlushCacheResult,
     GenerateRequest,
     TokenOutput,
 )
 from smallm.runtime.model.loader import resolve_model_path
 from smallm.runtime.model.model_runner import ModelRunner, RunnerConfig
-from smallm.runtime.sampling import SamplingParams
-from smallm.runtime.scheduler.scheduler import FlushCacheResult, Scheduler, SchedulerConfig
+from smallm.runtime.request_builder import GenerateCall, build_requests
+from smallm.runtime.response import ResponseBuilder
+from smallm.runtime.scheduler.scheduler import Scheduler, SchedulerConfig
 from smallm.runtime.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -168,52 +168,35 @@ class Engine:
             raise RuntimeError("the engine is shut down")
         if self._error is not None:
             raise RuntimeError(f"the engine failed: {self._error}")
-        prompts = _as_token_lists(self.tokenizer, prompt, input_ids)
-        params_list = (
-            sampling_params
-            if isinstance(sampling_params, list)
-            else [sampling_params] * len(prompts)
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and prompt)
+        ):
+            raise ValueError("prompt must be a string or a list of strings")
+        call = GenerateCall(
+            text=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            rid=rid,
+            return_logprob=options.return_logprob,
+            logprob_start_len=-1
+            if options.logprob_start_len is None
+            else options.logprob_start_len,
+            top_logprobs_num=options.top_logprobs_num or 0,
+            return_text_in_logprobs=options.return_text_in_logprobs,
+            stream=options.stream,
         )
-        if len(params_list) != len(prompts):
-            raise ValueError("sampling_params must be one dict or one per prompt")
-        rids = rid if isinstance(rid, list) else [rid] * len(prompts)
-        msgs: list[tuple[GenerateRequest, _Collector]] = []
-        for ids, raw, r in zip(prompts, params_list, rids):
-            params = SamplingParams.from_dict(raw).validate(self.vocab_size)
-            for tok in ids:
-                if not 0 <= tok < self.vocab_size:
-                    raise ValueError(
-                        f"token id {tok} is outside the vocabulary (0..{self.vocab_size - 1})"
-                    )
-            base = r or uuid.uuid4().hex
-            group = base if params.n > 1 else None
-            for i in range(params.n):
-                sample = dataclasses.replace(params, n=1)
-                if params.n > 1 and params.seed is not None:
-                    sample.seed = params.seed + i  # distinct samples, still reproducible
-                msg = GenerateRequest(
-                    rid=base if params.n == 1 else f"{base}-{i}",
-                    input_ids=list(ids),
-                    params=sample,
-                    return_logprob=options.return_logprob,
-                    logprob_start_len=-1
-                    if options.logprob_start_len is None
-                    else options.logprob_start_len,
-                    top_logprobs_num=options.top_logprobs_num or 0,
-                    stream=options.stream,
-                    group=group,
-                )
-                collector = _Collector(self.tokenizer, msg, options.return_text_in_logprobs)
-                msgs.append((msg, collector))
+        msgs = build_requests(call, self.tokenizer, self.vocab_size)
+        collectors = [_Collector(self.tokenizer, m, options.return_text_in_logprobs) for m in msgs]
         with self._lock:
-            for msg, col in msgs:
-                if msg.rid in self._collectors:
-                    raise ValueError(f"request id {msg.rid!r} is already in use")
-                self._collectors[msg.rid] = col
-        for msg, _ in msgs:
+            taken = [m.rid for m in msgs if m.rid in self._collectors]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use")
+            for c in collectors:
+                self._collectors[c.rid] = c
+        for msg in msgs:
             self.scheduler.submit(msg)
         self._wakeup.set()
-        return [c for _, c in msgs]
+        return collectors
 
     def _wait(self, c: _Collector) -> dict:
         while not c.finished:
@@ -285,115 +268,32 @@ class _RequestOptions:
 
 
 class _Collector:
-    """Assembles one request's TokenOutputs into text and the native response dict."""
+    """One request's outputs in the Engine: its text (as the detokenizer process would render
+    it) and its response dict."""
 
     def __init__(self, tokenizer: Any, msg: GenerateRequest, text_in_logprobs: bool):
-        self.tokenizer = tokenizer
-        self.msg = msg
         self.rid = msg.rid
-        self.text_in_logprobs = text_in_logprobs
-        p = msg.params
-        self.decoder = IncrementalDecoder(
-            tokenizer, p.skip_special_tokens, p.spaces_between_special_tokens
-        )
-        # While streaming, hold back text that a stop string might still claim.
-        self.holdback = max((len(s) for s in p.stop), default=1) - 1
+        self.msg = msg
+        self.text = TextAssembler(tokenizer, msg.params, stream=msg.stream)
+        self.response = ResponseBuilder(tokenizer, msg, text_in_logprobs)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.start = time.perf_counter()
-        self.output_ids: list[int] = []
-        self.last: TokenOutput | None = None
-        self.output_logprobs: list[tuple[float, int]] = []
-        self.output_top: list[list[tuple[int, float]]] = []
-        self.input_logprobs = None
-        self.input_top = None
         self.finished = False
         self.sent_len = 0
 
     def absorb(self, o: TokenOutput) -> None:
-        self.last = o
-        self.output_ids.extend(o.new_token_ids)
-        self.decoder.push(o.new_token_ids)
-        self.output_logprobs.extend(o.output_logprobs)
-        self.output_top.extend(o.output_top_logprobs)
-        if o.input_logprobs is not None:
-            self.input_logprobs, self.input_top = o.input_logprobs, o.input_top_logprobs
+        self.text.push(o.new_token_ids)
+        self.response.absorb(o)
         self.finished = o.finished
 
-    def _final_text(self) -> str:
-        p, reason = self.msg.params, self.last.finish_reason or {}
-        ids = self.output_ids
-        matched = reason.get("matched")
-        if reason.get("type") == "stop" and isinstance(matched, int) and not p.no_stop_trim:
-            ids = ids[:-1]
-        text = self.tokenizer.decode(
-            ids,
-            skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.spaces_between_special_tokens,
-        )
-        if isinstance(matched, str) and not p.no_stop_trim:
-            at = text.find(matched)
-            if at >= 0:
-                text = text[:at]
-        return text
-
     def result(self, streaming: bool = False) -> dict | None:
-        if streaming:
-            text = self.decoder.text
-            text = text[: max(len(text) - self.holdback, 0)] if self.msg.params.stop else text
-            if len(text) <= self.sent_len and not self.output_logprobs:
-                return None
-            self.sent_len = max(self.sent_len, len(text))
-        else:
-            text = self._final_text()
-        o = self.last
-        meta: dict[str, Any] = {
-            "id": self.rid,
-            "finish_reason": None if streaming else o.finish_reason,
-            "prompt_tokens": o.prompt_tokens or len(self.msg.input_ids),
-            "completion_tokens": len(self.output_ids),
-            "cached_tokens": o.cached_tokens,
-            "e2e_latency": time.perf_counter() - self.start,
-        }
-        if self.msg.return_logprob:
-            meta["output_token_logprobs"] = [self._entry(lp, t) for lp, t in self.output_logprobs]
-            if self.msg.top_logprobs_num:
-                meta["output_top_logprobs"] = [
-                    [self._entry(lp, t) for t, lp in row] for row in self.output_top
-                ]
-            if self.input_logprobs is not None:
-                meta["input_token_logprobs"] = [self._entry(lp, t) for lp, t in self.input_logprobs]
-                vals = [lp for lp, _ in self.input_logprobs if lp is not None]
-                meta["normalized_prompt_logprob"] = sum(vals) / len(vals) if vals else 0.0
-                if self.msg.top_logprobs_num:
-                    meta["input_top_logprobs"] = [
-                        None if row is None else [self._entry(lp, t) for t, lp in row]
-                        for row in self.input_top
-                    ]
-        if o.error and not streaming:
-            meta["error"] = o.error
-        return {"text": text, "output_ids": list(self.output_ids), "meta_info": meta}
-
-    def _entry(self, logprob: float | None, token: int) -> list:
-        text = self.tokenizer.decode([token]) if self.text_in_logprobs else None
-        return [logprob, token, text]
+        if not streaming:
+            return self.response.result(self.text.final_text(self.response.finish_reason))
+        text = self.text.stream_text()
+        if len(text) <= self.sent_len and not self.response.output_logprobs:
+            return None
+        self.sent_len = max(self.sent_len, len(text))
+        return self.response.result(text, streaming=True)
 
 
 def _is_single(prompt: Any, input_ids: Any) -> bool:
-    if prompt is not None:
-        return isinstance(prompt, str)
-    return bool(input_ids) and isinstance(input_ids[0], int)
-
-
-def _as_token_lists(tokenizer: Any, prompt: Any, input_ids: Any) -> list[list[int]]:
-    if (prompt is None) == (input_ids is None):
-        raise ValueError("give exactly one of prompt (text) and input_ids")
-    if prompt is not None:
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("prompt must be a string or a list of strings")
-        return [tokenizer.encode(t) for t in texts]
-    if input_ids and isinstance(input_ids[0], int):
-        return [list(input_ids)]
-    if not all(isinstance(x, list) for x in input_ids):
-        raise ValueError("input_ids must be a list of ints or a list of lists of ints")
-    return [list(x) for x in input_ids]
+    return GenerateCall(text=prompt, input_ids=input_ids).is_single

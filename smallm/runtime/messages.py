@@ -36,7 +36,18 @@ class AbortRequest:
 
 @dataclass
 class FlushCacheRequest:
-    pass
+    request_id: str = ""  # echoed in the FlushCacheResult so the front end can match replies
+
+
+@dataclass
+class FlushCacheResult:
+    success: bool
+    request_id: str = ""
+
+
+@dataclass
+class ShutdownRequest:
+    """Ask a worker process to leave its loop (the front end is exiting)."""
 
 
 @dataclass
@@ -60,3 +71,51 @@ class TokenOutput:
     input_logprobs: list[tuple[float | None, int]] | None = None
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     error: str | None = None
+    # Sent with a request's first output only: how the detokenizer should render its text.
+    params: SamplingParams | None = None
+    stream: bool = False
+
+
+@dataclass
+class BatchTokenOutput:
+    """Scheduler -> detokenizer: everything one scheduler step produced."""
+
+    outputs: list[TokenOutput]
+
+
+@dataclass
+class TextOutput:
+    """Detokenizer -> front end: a TokenOutput with its text.
+
+    ``text`` is cumulative: for a streaming request the text so far (minus a tail a stop string
+    might still claim), for a finished request the final text (stop strings trimmed); None for
+    an unfinished request that does not stream.
+    """
+
+    out: TokenOutput
+    text: str | None
+
+
+@dataclass
+class BatchTextOutput:
+    outputs: list[TextOutput]
+
+
+@dataclass
+class SchedulerStats:
+    """Scheduler -> front end (through the detokenizer), a few times a second: the gauges of
+    ``/metrics`` and ``/get_server_info``."""
+
+    num_running_reqs: int
+    num_queue_reqs: int
+    num_used_tokens: int  # KV slots held by requests or pinned cache entries (not evictable)
+    max_total_tokens: int
+    cache_hit_rate: float
+    gen_throughput: float  # generated tokens per second over the last interval
+    num_grammar_queue_reqs: int = 0
+    num_retractions: int = 0
+    forward_steps: int = 0
+
+    @property
+    def token_usage(self) -> float:
+        return self.num_used_tokens / self.max_total_tokens if self.max_total_tokens else 0.0

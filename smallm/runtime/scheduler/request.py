@@ -46,6 +46,7 @@ class Req:
     input_logprobs: list[tuple[float | None, int]] | None = None
     input_top: list[list[tuple[int, float]] | None] | None = None
     input_logprobs_sent: bool = False
+    first_output_sent: bool = False  # the first output carries the params the detokenizer needs
 
     @property
     def rid(self) -> str:

@@ -25,7 +25,9 @@ from smallm.runtime.cache.radix_cache import create_prefix_cache
 from smallm.runtime.messages import (
     AbortRequest,
     FlushCacheRequest,
+    FlushCacheResult,
     GenerateRequest,
+    SchedulerStats,
     TokenOutput,
 )
 from smallm.runtime.model.forward_batch import BatchEntry
@@ -55,11 +57,6 @@ class SchedulerConfig:
     # Hold back a waiting request whose prompt shares an uncached prefix with one being
     # prefilled, so it reuses that prefix from the cache instead of computing it again.
     defer_shared_prefix: bool = True
-
-
-@dataclass
-class FlushCacheResult:
-    success: bool
 
 
 class Scheduler:
@@ -113,7 +110,7 @@ class Scheduler:
             elif isinstance(msg, AbortRequest):
                 self._abort(msg, out)
             elif isinstance(msg, FlushCacheRequest):
-                out.append(FlushCacheResult(self.flush_cache()))
+                out.append(FlushCacheResult(self.flush_cache(), msg.request_id))
 
     def _accept(self, msg: GenerateRequest, out: list) -> None:
         n = len(msg.input_ids)
@@ -126,7 +123,7 @@ class Scheduler:
         elif n + 1 > self.pool.capacity:
             error = f"the prompt has {n} tokens; the KV pool holds {self.pool.capacity}"
         if error:
-            out.append(_abort_output(msg.rid, error, n))
+            out.append(_abort_output(msg, error))
             return
         # Like SGLang: a request may ask for more tokens than fit; it stops at the context end.
         msg.params.max_new_tokens = min(msg.params.max_new_tokens, limit - n)
@@ -138,7 +135,7 @@ class Scheduler:
 
         for r in [r for r in self.waiting if hit(r)]:
             self.waiting.remove(r)
-            out.append(_abort_output(r.rid, "aborted", len(r.prompt_ids)))
+            out.append(_abort_output(r.msg, "aborted"))
         for r in [r for r in self.running if hit(r)]:
             self._release(r)
             self.running.remove(r)
@@ -407,6 +404,9 @@ class Scheduler:
         if self._input_logprobs_due(r):
             o.input_logprobs, o.input_top_logprobs = r.input_logprobs, r.input_top
             r.input_logprobs_sent = True
+        if not r.first_output_sent:
+            o.params, o.stream = r.msg.params, r.msg.stream
+            r.first_output_sent = True
         r.pending_ids, r.pending_logprobs, r.pending_top = [], [], []
         return o
 
@@ -444,6 +444,20 @@ class Scheduler:
         self.new_token_ratio = 1.0
         logger.info("retracted %s (%d tokens) to free KV memory", r.rid, r.seq_len)
 
+    def stats(self, gen_throughput: float = 0.0) -> SchedulerStats:
+        """The load gauges routers read (``/metrics``)."""
+        used = self.pool.capacity - self.pool.num_free - self.cache.evictable_size
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_queue_reqs=len(self.waiting),
+            num_used_tokens=used,
+            max_total_tokens=self.pool.capacity,
+            cache_hit_rate=self.cache.hit_rate(),
+            gen_throughput=gen_throughput,
+            num_retractions=self.num_retractions,
+            forward_steps=self.forward_steps,
+        )
+
     def check_idle_accounting(self) -> None:
         """When nothing runs, every slot is free or cached (raises AssertionError otherwise)."""
         assert not self.running
@@ -452,12 +466,14 @@ class Scheduler:
         assert self.table.num_free == self.table.max_requests
 
 
-def _abort_output(rid: str, message: str, prompt_tokens: int) -> TokenOutput:
+def _abort_output(msg: GenerateRequest, message: str) -> TokenOutput:
     return TokenOutput(
-        rid=rid,
+        rid=msg.rid,
         new_token_ids=[],
         finished=True,
         finish_reason={"type": "abort", "message": message},
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=len(msg.input_ids),
         error=message,
+        params=msg.params,
+        stream=msg.stream,
     )

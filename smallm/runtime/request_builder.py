@@ -1,0 +1,211 @@
+"""From a ``/generate`` call (HTTP body or ``Engine.generate`` arguments) to scheduler requests.
+
+One call may hold several prompts and ``n`` samples each; this module checks every field,
+tokenizes, and expands the call into one `GenerateRequest` per sample, in the order the
+response lists them (prompt-major). It is shared by the Engine and the server's tokenizer
+manager, so both accept and reject exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from smallm.runtime.messages import GenerateRequest
+from smallm.runtime.sampling import SamplingParams, SamplingParamsError
+
+
+def error_param(e: ValueError) -> str | None:
+    """The request field a validation error is about, when it names one."""
+    if isinstance(e, RequestError):
+        return e.param
+    if isinstance(e, SamplingParamsError):
+        first = str(e).split(" ", 1)[0]
+        return first if first in {f.name for f in dataclasses.fields(SamplingParams)} else None
+    return None
+
+
+class RequestError(ValueError):
+    """The request is malformed or out of range (HTTP 400); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass
+class GenerateCall:
+    """The fields of a native ``/generate`` body (COMPAT.md), after type checks."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+    @property
+    def is_single(self) -> bool:
+        """One prompt (the response is a dict, or a list of n dicts when n > 1)."""
+        if self.text is not None:
+            return isinstance(self.text, str)
+        return bool(self.input_ids) and not isinstance(self.input_ids[0], list)
+
+    @classmethod
+    def from_json(cls, body: Any) -> GenerateCall:
+        """Check a decoded JSON body; unknown keys are ignored, ``null`` means the default."""
+        if not isinstance(body, dict):
+            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+        call = cls()
+        text = body.get("text")
+        if text is not None:
+            if not (isinstance(text, str) or _is_list_of(text, str)):
+                raise RequestError("text must be a string or a list of strings", "text")
+            call.text = text
+        ids = body.get("input_ids")
+        if ids is not None:
+            if not (_is_list_of(ids, int) or (ids and all(_is_list_of(x, int) for x in ids))):
+                raise RequestError(
+                    "input_ids must be a list of integers or a list of such lists", "input_ids"
+                )
+            call.input_ids = ids
+        sp = body.get("sampling_params")
+        if sp is not None:
+            if not (isinstance(sp, dict) or _is_list_of(sp, dict)):
+                raise RequestError(
+                    "sampling_params must be an object or a list of objects", "sampling_params"
+                )
+            call.sampling_params = sp
+        rid = body.get("rid")
+        if rid is not None:
+            if not (isinstance(rid, str) or _is_list_of(rid, str)):
+                raise RequestError("rid must be a string or a list of strings", "rid")
+            call.rid = rid
+        for name in ("return_logprob", "return_text_in_logprobs", "stream"):
+            value = body.get(name)
+            if value is not None:
+                if not isinstance(value, bool):
+                    raise RequestError(f"{name} must be true or false, got {value!r}", name)
+                setattr(call, name, value)
+        for name in ("logprob_start_len", "top_logprobs_num"):
+            value = body.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise RequestError(f"{name} must be an integer, got {value!r}", name)
+                setattr(call, name, int(value))
+        if call.logprob_start_len < -1:
+            raise RequestError("logprob_start_len must be >= -1", "logprob_start_len")
+        if not 0 <= call.top_logprobs_num <= 1000:
+            raise RequestError("top_logprobs_num must be in [0, 1000]", "top_logprobs_num")
+        return call
+
+
+def _is_list_of(value: Any, kind: type) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    if kind is int:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return all(isinstance(v, kind) for v in value)
+
+
+def build_requests(
+    call: GenerateCall,
+    tokenizer: Any,
+    vocab_size: int,
+    context_length: int | None = None,
+) -> list[GenerateRequest]:
+    """Tokenize, validate and expand ``call``; raises `RequestError`, or `SamplingParamsError`
+    (a ValueError naming the field) for a bad ``sampling_params`` entry.
+
+    With ``context_length`` a prompt that, with its ``max_new_tokens``, does not fit is
+    rejected (the server's rule, as in SGLang); without it the scheduler clips
+    ``max_new_tokens`` at the context end (the Engine's rule).
+    """
+    prompts = _token_lists(tokenizer, call)
+    raw = call.sampling_params
+    params_list = raw if isinstance(raw, list) else [raw] * len(prompts)
+    if len(params_list) != len(prompts):
+        raise RequestError(
+            f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts",
+            "sampling_params",
+        )
+    rids = call.rid if isinstance(call.rid, list) else [call.rid] * len(prompts)
+    if len(rids) != len(prompts):
+        raise RequestError(f"rid has {len(rids)} entries for {len(prompts)} prompts", "rid")
+    if isinstance(call.rid, list) and len(set(call.rid)) != len(call.rid):
+        raise RequestError("rid entries must be distinct", "rid")
+    out: list[GenerateRequest] = []
+    for ids, raw_params, rid in zip(prompts, params_list, rids):
+        params = SamplingParams.from_dict(raw_params).validate(vocab_size)
+        _check_prompt(ids, vocab_size, params, context_length)
+        base = rid or uuid.uuid4().hex
+        group = base if params.n > 1 else None
+        for i in range(params.n):
+            sample = dataclasses.replace(params, n=1)
+            if params.n > 1 and params.seed is not None:
+                sample.seed = params.seed + i  # distinct samples, still reproducible
+            out.append(
+                GenerateRequest(
+                    rid=base if params.n == 1 else f"{base}-{i}",
+                    input_ids=list(ids),
+                    params=sample,
+                    return_logprob=call.return_logprob,
+                    logprob_start_len=call.logprob_start_len,
+                    top_logprobs_num=call.top_logprobs_num,
+                    stream=call.stream,
+                    group=group,
+                )
+            )
+    return out
+
+
+def _token_lists(tokenizer: Any, call: GenerateCall) -> list[list[int]]:
+    if (call.text is None) == (call.input_ids is None):
+        raise RequestError("give exactly one of text and input_ids")
+    if call.text is not None:
+        texts = [call.text] if isinstance(call.text, str) else list(call.text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError("text must be a string or a non-empty list of strings", "text")
+        return [tokenizer.encode(t) for t in texts]
+    ids = call.input_ids
+    if not ids:
+        raise RequestError("the prompt is empty", "input_ids")
+    if not isinstance(ids[0], list):
+        return [list(ids)]
+    if not all(isinstance(x, list) for x in ids):
+        raise RequestError("input_ids must be a list of ints or a list of lists of ints")
+    return [list(x) for x in ids]
+
+
+def _check_prompt(
+    ids: list[int], vocab_size: int, params: SamplingParams, context_length: int | None
+) -> None:
+    if not ids:
+        raise RequestError("the prompt is empty (it has no tokens)", "text")
+    for tok in ids:
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+            raise RequestError(
+                f"token id {tok!r} is outside the vocabulary (0..{vocab_size - 1})", "input_ids"
+            )
+    if context_length is None:
+        return
+    n = len(ids)
+    if n >= context_length:
+        raise RequestError(
+            f"the prompt has {n} tokens, more than the context length allows "
+            f"({context_length} tokens including at least one generated)",
+            "text",
+        )
+    if n + params.max_new_tokens > context_length:
+        raise RequestError(
+            f"the prompt ({n} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"the context length of {context_length} tokens",
+            "max_new_tokens",
+        )
