@@ -68,10 +68,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def build_app(ctx: ServerContext) -> web.Application:
     from smallm.runtime.http.native import add_native_routes
-    try:  # TEMP
-        from smallm.runtime.http.openai_api import add_openai_routes
-    except ModuleNotFoundError:
-        add_openai_routes = lambda app: None  # noqa: E731
+    from smallm.runtime.http.openai_api import add_openai_routes
 
     app = web.Application(
         client_max_size=ctx.args.max_request_bytes, middlewares=[_errors, _auth, _drain]
