@@ -35,7 +35,9 @@ class ServerArgs:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     random_seed: int | None = None
-    grammar_backend: str = "outlines"
+    grammar_backend: str = "auto"
+    grammar_compile_timeout: float = 60.0
+    disable_jump_forward: bool = False
     # HTTP front end
     api_key: str | None = None
     enable_metrics: bool = True
@@ -59,7 +61,8 @@ class ServerArgs:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
             (self.attention_backend in ("auto", "torch_native", "triton"), "--attention-backend must be auto, torch_native or triton"),
             (self.matmul_backend in ("torch", "openblas"), "--matmul-backend must be torch or openblas"),
-            (self.grammar_backend in ("outlines", "llguidance", "none"), "--grammar-backend must be outlines, llguidance or none"),
+            (self.grammar_backend in ("auto", "outlines", "llguidance", "none"), "--grammar-backend must be auto, outlines, llguidance or none"),
+            (self.grammar_compile_timeout > 0, "--grammar-compile-timeout must be > 0"),
             (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
             (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
@@ -158,7 +161,19 @@ class ServerArgs:
         p.add_argument(
             "--grammar-backend",
             default=default("grammar_backend"),
-            choices=["outlines", "llguidance", "none"],
+            choices=["auto", "outlines", "llguidance", "none"],
+            help="constrained decoding engine (auto: llguidance for JSON schema and EBNF, outlines for regex)",
+        )
+        p.add_argument(
+            "--grammar-compile-timeout",
+            type=float,
+            default=default("grammar_compile_timeout"),
+            help="seconds a grammar may take to compile before its request fails",
+        )
+        p.add_argument(
+            "--disable-jump-forward",
+            action="store_true",
+            help="sample every token, even those a grammar forces (to measure jump-forward)",
         )
         p.add_argument(
             "--api-key",

@@ -15,6 +15,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -229,6 +230,8 @@ class Engine:
                     self._wakeup.wait(timeout=0.1)
                     self._wakeup.clear()
                     continue
+                if self.scheduler.waiting_only_for_grammars:
+                    time.sleep(0.005)  # a grammar compiles in its own thread; don't spin
                 for out in self.scheduler.step():
                     if isinstance(out, FlushCacheResult):
                         self._flush_results.put(out)

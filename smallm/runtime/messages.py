@@ -71,6 +71,8 @@ class TokenOutput:
     input_logprobs: list[tuple[float | None, int]] | None = None
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     error: str | None = None
+    # Constrained requests: output tokens so far that jump-forward appended without sampling.
+    jump_forward_tokens: int | None = None
     # Sent with a request's first output only: how the detokenizer should render its text.
     params: SamplingParams | None = None
     stream: bool = False

@@ -58,6 +58,8 @@ class ResponseBuilder:
             "cached_tokens": o.cached_tokens if o else 0,
             "e2e_latency": time.perf_counter() - self.start,
         }
+        if o is not None and o.jump_forward_tokens is not None:
+            meta["jump_forward_tokens"] = o.jump_forward_tokens
         if self.msg.return_logprob:
             self._add_logprobs(meta)
         if o is not None and o.error and not streaming:

@@ -92,8 +92,10 @@ class _SchedulerWorker:
         generated_at_last_stats = 0
         while True:
             busy = self.scheduler.has_work()
-            # Block only when idle; while busy, just take what has arrived.
-            if poller.poll(0 if busy else 100):
+            # Block only when idle (or only waiting for grammars to compile in their thread);
+            # while busy, just take what has arrived.
+            timeout = 100 if not busy else 5 if self.scheduler.waiting_only_for_grammars else 0
+            if poller.poll(timeout):
                 while True:
                     try:
                         msg = self.recv.recv_pyobj(zmq.NOBLOCK)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from smallm.runtime.cache.radix_cache import create_prefix_cache
 from smallm.runtime.messages import (
@@ -33,6 +34,8 @@ from smallm.runtime.messages import (
 from smallm.runtime.model.forward_batch import BatchEntry
 from smallm.runtime.model.model_runner import LogitsOutput, ModelRunner
 from smallm.runtime.sampling import Sampler, SamplingBatchInfo
+from smallm.runtime.sampling.batch_info import bitmask_words
+from smallm.runtime.scheduler.grammar_queue import GrammarQueue, grammar_spec
 from smallm.runtime.scheduler.policy import InFlightPrefixes, order_waiting
 from smallm.runtime.scheduler.request import Phase, Req
 from smallm.runtime.scheduler.stop import StopChecker
@@ -57,6 +60,11 @@ class SchedulerConfig:
     # Hold back a waiting request whose prompt shares an uncached prefix with one being
     # prefilled, so it reuses that prefix from the cache instead of computing it again.
     defer_shared_prefix: bool = True
+    # Constrained decoding: auto (per-kind default) | outlines | llguidance | none.
+    grammar_backend: str = "auto"
+    grammar_compile_timeout: float = 60.0  # seconds; the request fails after that
+    # Append the text a grammar forces without sampling it (prefilled as a short extend).
+    disable_jump_forward: bool = False
 
 
 class Scheduler:
@@ -77,6 +85,13 @@ class Scheduler:
         self.sampler = Sampler(runner.model_config.vocab_size, seed=config.random_seed)
         self.eos_token_ids = set(eos_token_ids)
         self.stop_checker = StopChecker(tokenizer)
+        self.tokenizer = tokenizer
+        self.grammars = GrammarQueue(
+            tokenizer,
+            runner.model_config.vocab_size,
+            config.grammar_backend,
+            config.grammar_compile_timeout,
+        )
         self.max_running = min(
             config.max_running_requests or self.table.max_requests, self.table.max_requests
         )
@@ -97,7 +112,12 @@ class Scheduler:
         self.inbox.put(msg)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or not self.inbox.empty())
+        return bool(self.waiting or self.running or self.grammars or not self.inbox.empty())
+
+    @property
+    def waiting_only_for_grammars(self) -> bool:
+        """Nothing to run until a grammar compiles: the caller may sleep briefly, not spin."""
+        return bool(self.grammars) and not (self.waiting or self.running)
 
     def _drain_inbox(self, out: list) -> None:
         while True:
@@ -127,14 +147,28 @@ class Scheduler:
             return
         # Like SGLang: a request may ask for more tokens than fit; it stops at the context end.
         msg.params.max_new_tokens = min(msg.params.max_new_tokens, limit - n)
-        self.waiting.append(Req(msg))
+        r = Req(msg)
+        constraint = grammar_spec(msg.params)
+        if constraint is not None:
+            error = self.grammars.add(r, *constraint)
+            if error:
+                out.append(_abort_output(msg, error))
+            return
+        self.waiting.append(r)
+
+    def _poll_grammars(self, out: list) -> None:
+        ready, failed = self.grammars.poll()
+        self.waiting.extend(ready)
+        for r, error in failed:
+            out.append(_abort_output(r.msg, error))
 
     def _abort(self, msg: AbortRequest, out: list) -> None:
         def hit(r: Req) -> bool:
             return msg.abort_all or r.rid == msg.rid
 
-        for r in [r for r in self.waiting if hit(r)]:
-            self.waiting.remove(r)
+        for r in [r for r in self.waiting if hit(r)] + self.grammars.remove(hit):
+            if r in self.waiting:
+                self.waiting.remove(r)
             out.append(_abort_output(r.msg, "aborted"))
         for r in [r for r in self.running if hit(r)]:
             self._release(r)
@@ -157,6 +191,8 @@ class Scheduler:
         """Advance every admitted request by one forward pass; return what they produced."""
         out: list[TokenOutput | FlushCacheResult] = []
         self._drain_inbox(out)
+        if self.grammars:
+            self._poll_grammars(out)
         decodes = self._prepare_decodes(out)
         prefills = self._schedule_prefills()
         entries = [e for _, e in decodes] + [e for _, e in prefills]
@@ -345,6 +381,13 @@ class Scheduler:
             return_logprob=want_lp if any(want_lp) else None,
             top_logprobs_num=[r.msg.top_logprobs_num for r in reqs] if any(want_lp) else None,
         )
+        constrained = [j for j, r in enumerate(reqs) if r.grammar is not None]
+        if constrained:
+            # Unconstrained rows allow everything; each grammar writes its own row.
+            mask = torch.full((len(reqs), bitmask_words(logits.shape[1])), -1, dtype=torch.int32)
+            for j in constrained:
+                reqs[j].grammar.fill_bitmask(mask, j)
+            info.vocab_mask = mask
         sampled = self.sampler.sample(logits, info)
         for j, r in enumerate(reqs):
             tok = sampled.next_token_ids[j]
@@ -354,7 +397,43 @@ class Scheduler:
                 r.pending_logprobs.append((sampled.logprobs[j], tok))
                 if r.msg.top_logprobs_num and sampled.top_logprobs is not None:
                     r.pending_top.append(sampled.top_logprobs[j])
+            if r.grammar is not None and not r.grammar.accept_token(tok):
+                # The mask allowed only what the grammar accepts; this is a backend bug.
+                r.finish_reason = {"type": "abort", "message": f"the grammar rejected token {tok}"}
+                continue
             r.finish_reason = self._check_finished(r, tok)
+            if r.grammar is not None and r.finish_reason is None:
+                if r.grammar.is_terminated():
+                    r.finish_reason = {"type": "stop", "matched": tok}
+                elif not self.config.disable_jump_forward and not r.msg.return_logprob:
+                    self._jump_forward(r)
+
+    def _jump_forward(self, r: Req) -> None:
+        """Append the text r's grammar forces, as tokens, without sampling them. r goes back to
+        PREFILL: the next step computes their KV (a short extend) and samples after them."""
+        forced = r.grammar.jump_forward()
+        if not forced or self.tokenizer is None:
+            return
+        room = min(r.max_new_tokens - len(r.output_ids), self.runner.context_length - r.seq_len - 1)
+        if room <= 0:
+            return
+        ids = self.tokenizer.encode(forced, add_special_tokens=False)
+        # The forced tokens must decode to exactly the forced text after what came before
+        # (tokenizers that merge across the boundary or add prefix spaces fail this): else skip
+        # the jump and let the mask drive the next tokens one by one.
+        tail = r.output_ids[-4:]
+        decode = self.tokenizer.decode
+        if not ids or decode(tail + ids) != decode(tail) + forced:
+            return
+        if not r.grammar.accept_string(forced):
+            return
+        ids = ids[:room]
+        r.output_ids.extend(ids)
+        r.pending_ids.extend(ids)
+        r.jump_forward_tokens += len(ids)
+        r.phase = Phase.PREFILL
+        if len(r.output_ids) >= r.max_new_tokens or r.seq_len >= self.runner.context_length:
+            r.finish_reason = {"type": "length", "length": len(r.output_ids)}
 
     def _check_finished(self, r: Req, tok: int) -> dict | None:
         sp = r.msg.params
@@ -407,6 +486,8 @@ class Scheduler:
         if not r.first_output_sent:
             o.params, o.stream = r.msg.params, r.msg.stream
             r.first_output_sent = True
+        if r.grammar is not None:
+            o.jump_forward_tokens = r.jump_forward_tokens
         r.pending_ids, r.pending_logprobs, r.pending_top = [], [], []
         return o
 
@@ -453,6 +534,7 @@ class Scheduler:
             num_used_tokens=used,
             max_total_tokens=self.pool.capacity,
             cache_hit_rate=self.cache.hit_rate(),
+            num_grammar_queue_reqs=len(self.grammars),
             gen_throughput=gen_throughput,
             num_retractions=self.num_retractions,
             forward_steps=self.forward_steps,
