@@ -182,3 +182,46 @@ def test_invalid_constraints_fail_the_request_not_the_engine(engine, key, spec, 
     assert reason["type"] == "abort" and message in reason["message"]
     ok = engine.generate("Hello", {"max_new_tokens": 2, "temperature": 0})
     assert ok["meta_info"]["completion_tokens"] == 2
+
+
+# outlines-core needs ~3-4 s (on this machine) to index this regex over a 49k vocabulary.
+SLOW_REGEX = r"(\w{1,6}\s){1,4}"
+
+
+def test_slow_grammar_does_not_delay_free_requests(tiny_chat_model_dir):
+    import threading
+    import time
+
+    with Engine(str(tiny_chat_model_dir), max_total_tokens=4096, grammar_backend="outlines") as e:
+        results = {}
+
+        def run(name: str, params: dict) -> None:
+            t0 = time.perf_counter()
+            out = e.generate("Some words:", params)
+            results[name] = (time.perf_counter() - t0, out)
+
+        slow = threading.Thread(
+            target=run, args=("slow", {"max_new_tokens": 40, "temperature": 0, "regex": SLOW_REGEX})
+        )
+        slow.start()
+        time.sleep(0.1)
+        run("free", {"max_new_tokens": 8, "temperature": 0})
+        assert "slow" not in results  # the grammar is still compiling
+        slow.join(120)
+    (free_s, free), (slow_s, constrained) = results["free"], results["slow"]
+    assert free["meta_info"]["completion_tokens"] == 8
+    assert free_s < 1.5 < slow_s, (free_s, slow_s)
+    assert re.fullmatch(SLOW_REGEX, constrained["text"]), constrained["text"]
+
+
+def test_grammar_compile_timeout_fails_only_that_request(tiny_chat_model_dir):
+    with Engine(
+        str(tiny_chat_model_dir),
+        max_total_tokens=4096,
+        grammar_backend="outlines",
+        grammar_compile_timeout=0.5,
+    ) as e:
+        out = e.generate("x", {"max_new_tokens": 4, "regex": r"(\w{1,5}\s){1,4}"})
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "timed out after 0.5s" in reason["message"]
+        assert e.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2

@@ -153,6 +153,7 @@ class Engine:
         self._wakeup.set()
         self._thread.join(timeout=60)
         self._fail_all("the engine was shut down")
+        self.scheduler.shutdown()
 
     def __enter__(self) -> Engine:
         return self

@@ -129,6 +129,7 @@ class _SchedulerWorker:
                     return
 
     def close(self) -> None:
+        self.scheduler.shutdown()
         self.recv.close(linger=0)
         self.send.close(linger=0)
         self.ctx.term()

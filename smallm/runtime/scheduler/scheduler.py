@@ -525,6 +525,10 @@ class Scheduler:
         self.new_token_ratio = 1.0
         logger.info("retracted %s (%d tokens) to free KV memory", r.rid, r.seq_len)
 
+    def shutdown(self) -> None:
+        """Stop the grammar compiler's threads (a compilation in progress runs to its end)."""
+        self.grammars.shutdown()
+
     def stats(self, gen_throughput: float = 0.0) -> SchedulerStats:
         """The load gauges routers read (``/metrics``)."""
         used = self.pool.capacity - self.pool.num_free - self.cache.evictable_size
