@@ -37,6 +37,7 @@ class ServerArgs:
     random_seed: int | None = None
     grammar_backend: str = "auto"
     grammar_compile_timeout: float = 60.0
+    grammar_whitespace_pattern: str = ""
     disable_jump_forward: bool = False
     # HTTP front end
     api_key: str | None = None
@@ -169,6 +170,11 @@ class ServerArgs:
             type=float,
             default=default("grammar_compile_timeout"),
             help="seconds a grammar may take to compile before its request fails",
+        )
+        p.add_argument(
+            "--grammar-whitespace-pattern",
+            default=default("grammar_whitespace_pattern"),
+            help='regex of the whitespace JSON output may have between tokens (default "": compact JSON; "[ ]?" allows one space)',
         )
         p.add_argument(
             "--disable-jump-forward",

@@ -36,13 +36,17 @@ class GrammarQueue:
         vocab_size: int,
         backend: str = "auto",
         compile_timeout_s: float = 60.0,
+        whitespace_pattern: str | None = None,
     ):
         self.backend = backend
         self.compiler: GrammarCompiler | None = None
         if backend != "none" and tokenizer is not None:
+            options = (
+                {} if whitespace_pattern is None else {"whitespace_pattern": whitespace_pattern}
+            )
 
             def factory(name: str):
-                return lambda: create_grammar_backend(name, tokenizer, vocab_size)
+                return lambda: create_grammar_backend(name, tokenizer, vocab_size, **options)
 
             self.compiler = GrammarCompiler(
                 {name: factory(name) for name in ("outlines", "llguidance")},
