@@ -13,10 +13,14 @@ from smallm.runtime.model.model_runner import ModelRunner, RunnerConfig
 from conftest import TINY_VARIANTS
 
 
-def _runner(path, dtype="float32", tokens=4096) -> ModelRunner:
+def _runner(path, dtype="float32", tokens=4096, **kw) -> ModelRunner:
     return ModelRunner(
         RunnerConfig(
-            model_path=str(path), dtype=dtype, max_total_tokens=tokens, max_running_requests=8
+            model_path=str(path),
+            dtype=dtype,
+            max_total_tokens=tokens,
+            max_running_requests=8,
+            **kw,
         )
     )
 
@@ -84,6 +88,16 @@ def test_tiny_models_match_hf(variant, tiny_model_dirs):
     path = tiny_model_dirs[variant]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     runner = _runner(path)
+    _check_three_phases(runner, hf, runner.model_config.vocab_size, rel=1e-5)
+
+
+@pytest.mark.parametrize("batched", [0, 4, 64])
+def test_batched_short_extends_match_hf(batched, tiny_model_dirs):
+    # 0: only decodes share an attention call; 4: the 3-token extends join them; 64: every
+    # extend (up to 40 tokens, with and without a cached prefix) goes through the padded path.
+    path = tiny_model_dirs["qwen3"]  # GQA 2 query heads per KV head, head_dim 32
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    runner = _runner(path, batched_extend_max_tokens=batched)
     _check_three_phases(runner, hf, runner.model_config.vocab_size, rel=1e-5)
 
 

@@ -12,10 +12,22 @@ from smallm.runtime.model.forward_batch import ForwardBatch
 
 
 @dataclass
-class _DecodeGroup:
-    token_idx: torch.Tensor | None  # rows of q that decode; None when every row does
+class _Group:
+    """Requests whose new tokens (at most ``width`` each) share one padded SDPA call.
+
+    Decodes are the ``width == 1`` case. Row b's query t is batch token ``q_idx[b, t]``
+    (padding repeats its last token; its output is dropped).
+    """
+
+    width: int
+    q_idx: torch.Tensor | None  # [B, width] rows of q; None: the whole batch, one token each
     slots: torch.Tensor  # [B, L] KV slots, padded past each sequence's end
-    mask: torch.Tensor  # [B, 1, 1, L] True where a key is real
+    mask: torch.Tensor  # [B, width, L] True where query t may see key j
+    src: torch.Tensor | None = None  # flat (b, t) positions of real tokens ...
+    dest: torch.Tensor | None = None  # ... and the batch rows they answer
+    # The mask per query position after folding G query heads into each KV head:
+    # [B, 1, width * G, L], built by the first layer (G is known from q).
+    sdpa_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -28,16 +40,21 @@ class _Extend:
 
 @dataclass
 class _Metadata:
-    decode: _DecodeGroup | None
+    groups: list[_Group]
     extends: list[_Extend]
 
 
 class TorchNativeBackend(AttentionBackend):
-    """Decodes are batched into one padded SDPA call; extends run one SDPA call per request.
+    """Decodes share one padded SDPA call; so do short extends (up to ``batched_extend_max``
+    new tokens, e.g. jump-forward's forced tokens); long extends run one call per request.
 
-    Extends are compute-bound, so a per-request call costs little; decodes are many and tiny, so
-    they share one call over keys gathered through the request->token table.
+    Long extends are compute-bound, so a per-request call costs little; decodes and short
+    extends are many and tiny, and a call per request per layer would cost more than the math.
     """
+
+    # Extends of at most this many tokens are batched (0: only decodes are); a switch to
+    # measure the batching, set from RunnerConfig.batched_extend_max_tokens.
+    batched_extend_max = 16
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,30 +75,48 @@ class TorchNativeBackend(AttentionBackend):
 
     def prepare(self, batch: ForwardBatch) -> None:
         table = self.req_to_token.table
-        decode_rows = [i for i, n in enumerate(batch.extend_lens) if n == 1]
-        extends = []
+        decode_rows, short_rows, extends = [], [], []
         for i, n in enumerate(batch.extend_lens):
             if n == 1:
-                continue
-            e, p = batch.entries[i], batch.prefix_lens[i]
-            slots = table[e.req_pool_index, : p + n]
-            mask = None
-            if p > 0:
-                mask = torch.ones(n, p + n, dtype=torch.bool).tril_(diagonal=p)
-            extends.append(_Extend(batch.extend_starts[i], n, slots, mask))
-        decode = None
-        if decode_rows:
-            lens = torch.tensor([batch.seq_lens[i] for i in decode_rows])
-            max_len = int(lens.max())
-            rows = torch.tensor([batch.entries[i].req_pool_index for i in decode_rows])
-            mask = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
-            # Positions past a sequence's end may hold stale slot ids; point them at slot 0.
-            slots = table[rows, :max_len].masked_fill(~mask, 0)
-            token_idx = None
-            if len(decode_rows) != batch.batch_size:
-                token_idx = torch.tensor([batch.extend_starts[i] for i in decode_rows])
-            decode = _DecodeGroup(token_idx, slots, mask[:, None, None, :])
-        batch.attn_metadata = _Metadata(decode, extends)
+                decode_rows.append(i)
+            elif n <= self.batched_extend_max:
+                short_rows.append(i)
+            else:
+                e, p = batch.entries[i], batch.prefix_lens[i]
+                slots = table[e.req_pool_index, : p + n]
+                mask = None
+                if p > 0:
+                    mask = torch.ones(n, p + n, dtype=torch.bool).tril_(diagonal=p)
+                extends.append(_Extend(batch.extend_starts[i], n, slots, mask))
+        whole = len(decode_rows) == batch.batch_size
+        groups = [
+            self._group(batch, rows, whole=whole and rows is decode_rows)
+            for rows in (decode_rows, short_rows)
+            if rows
+        ]
+        batch.attn_metadata = _Metadata(groups, extends)
+
+    def _group(self, batch: ForwardBatch, rows: list[int], whole: bool) -> _Group:
+        table = self.req_to_token.table
+        n = torch.tensor([batch.extend_lens[i] for i in rows])
+        lens = torch.tensor([batch.seq_lens[i] for i in rows])
+        width, max_len = int(n.max()), int(lens.max())
+        req_rows = torch.tensor([batch.entries[i].req_pool_index for i in rows])
+        keys = torch.arange(max_len)
+        real = keys.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        # Positions past a sequence's end may hold stale slot ids; point them at slot 0.
+        slots = table[req_rows, :max_len].masked_fill(~real, 0)
+        t = torch.minimum(torch.arange(width).unsqueeze(0), (n - 1).unsqueeze(1))  # [B, W]
+        # Query t of row b sees keys up to its own position: (seq_len - n) + t.
+        pos = (lens - n).unsqueeze(1) + t
+        mask = (keys.view(1, 1, -1) <= pos.unsqueeze(2)) & real.unsqueeze(1)  # [B, W, L]
+        if whole:
+            return _Group(1, None, slots, mask)
+        starts = torch.tensor([batch.extend_starts[i] for i in rows])
+        q_idx = starts.unsqueeze(1) + t
+        valid = torch.arange(width).unsqueeze(0) < n.unsqueeze(1)
+        src = valid.view(-1).nonzero().squeeze(1)
+        return _Group(width, q_idx, slots, mask, src, q_idx.view(-1)[src])
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
@@ -91,33 +126,50 @@ class TorchNativeBackend(AttentionBackend):
         k_buf, v_buf = pool.k(layer), pool.v(layer)
         meta: _Metadata = batch.attn_metadata
         num_tokens = q.shape[0]
-        if meta.decode is not None and meta.decode.token_idx is None and not meta.extends:
-            return self._decode(q, k_buf, v_buf, meta.decode).reshape(num_tokens, -1)
+        q = q.reshape(num_tokens, -1, k_buf.shape[2])
+        groups = meta.groups
+        if len(groups) == 1 and groups[0].q_idx is None:
+            return self._batched(q, k_buf, v_buf, groups[0]).reshape(num_tokens, -1)
         out = torch.empty_like(q)
         for ext in meta.extends:
             sl = slice(ext.start, ext.start + ext.length)
             out[sl] = self._extend(q[sl], k_buf, v_buf, ext)
-        if meta.decode is not None:
-            idx = meta.decode.token_idx
-            out[idx] = self._decode(q[idx], k_buf, v_buf, meta.decode)
+        for group in groups:
+            res = self._batched(q[group.q_idx.view(-1)], k_buf, v_buf, group)
+            out[group.dest] = res[group.src]
         return out.reshape(num_tokens, -1)
 
-    def _decode(
-        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, group: _DecodeGroup
+    def _batched(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, group: _Group
     ) -> torch.Tensor:
+        """q: [B * width, Hq, D] -> [B * width, Hq, D]."""
         b, n = group.slots.shape
+        w = group.width
         num_kv_heads, head_dim = k_buf.shape[1:]
         flat = group.slots.view(-1)
         # index_select on the flat slot list is several times faster than advanced indexing.
         keys = self._gather(0, k_buf, flat).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
         values = self._gather(1, v_buf, flat).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        # The query heads sharing a KV head become that head's "query positions" (no causal
-        # mask among them), so each KV head's keys are read once instead of once per query head.
-        queries = q.view(b, num_kv_heads, -1, head_dim)
+        # The query heads sharing a KV head become that head's "query positions" (the mask
+        # carries causality), so each KV head's keys are read once instead of once per query
+        # head: [B, W, Hk, G, D] -> [B, Hk, W * G, D].
+        queries = q.view(b, w, num_kv_heads, -1, head_dim)
+        if w > 1:
+            queries = queries.permute(0, 2, 1, 3, 4)
+        queries = queries.reshape(b, num_kv_heads, -1, head_dim)
+        if group.sdpa_mask is None:
+            g = queries.shape[2] // w
+            group.sdpa_mask = (
+                group.mask.unsqueeze(2).expand(-1, -1, g, -1).reshape(b, 1, w * g, n)
+                if w > 1
+                else group.mask.unsqueeze(1)  # [B, 1, 1, L] broadcasts over the G heads
+            )
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=group.mask, scale=self.scale
+            queries, keys, values, attn_mask=group.sdpa_mask, scale=self.scale
         )
-        return out.reshape(b, -1, head_dim)
+        if w > 1:
+            out = out.view(b, num_kv_heads, w, -1, head_dim).permute(0, 2, 1, 3, 4)
+        return out.reshape(b * w, -1, head_dim)
 
     def _extend(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, ext: _Extend

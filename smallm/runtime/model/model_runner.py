@@ -40,6 +40,9 @@ class RunnerConfig:
     # torch intra-op threads for this process; None: every core. With OpenBLAS matmuls, start
     # the process through cpu_threads.prefer_passive_openmp() so the two pools don't spin.
     torch_threads: int | None = None
+    # torch_native: extends of at most this many tokens (e.g. jump-forward's) are batched like
+    # decodes instead of one attention call per request; 0 turns that off.
+    batched_extend_max_tokens: int = 16
 
 
 @dataclass
@@ -94,6 +97,8 @@ class ModelRunner:
             self.req_to_token,
             scale=1.0 / math.sqrt(cfg.head_dim),
         )
+        if hasattr(self.attn_backend, "batched_extend_max"):
+            self.attn_backend.batched_extend_max = config.batched_extend_max_tokens
         # The norm / rotary kernels follow the attention backend: Triton only when it was chosen.
         set_kernel_backend(
             self.model,
