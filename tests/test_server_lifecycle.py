@@ -140,3 +140,23 @@ def test_bad_flags_exit_with_a_message(flag, tiny_chat_model_dir):
     )
     assert p.returncode == 2
     assert flag.split("=")[0] in p.stderr
+
+
+def test_every_runner_and_scheduler_knob_is_a_server_flag():
+    import dataclasses
+
+    from smallm.runtime.config import ServerArgs
+    from smallm.runtime.model.model_runner import RunnerConfig
+    from smallm.runtime.scheduler.scheduler import SchedulerConfig
+
+    server = {f.name for f in dataclasses.fields(ServerArgs)}
+    knobs = {f.name for f in dataclasses.fields(RunnerConfig)} | {
+        f.name for f in dataclasses.fields(SchedulerConfig)
+    }
+    # The scheduler's admission-ratio internals are tuning constants, not flags.
+    internal = {"init_new_token_ratio", "min_new_token_ratio", "new_token_ratio_decay"}
+    missing = knobs - server - internal - {"model_path"}
+    assert not missing, f"no server flag for {sorted(missing)}"
+    args = ServerArgs()
+    args.runner_config("m")
+    args.scheduler_config()

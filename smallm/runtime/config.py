@@ -30,14 +30,17 @@ class ServerArgs:
     attention_backend: str = "auto"
     matmul_backend: str = "torch"
     torch_threads: int | None = None
+    batched_extend_max_tokens: int = 16
     # scheduler
     chunked_prefill_size: int = 512
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    defer_shared_prefix: bool = True
     random_seed: int | None = None
     grammar_backend: str = "auto"
     grammar_compile_timeout: float = 60.0
     grammar_whitespace_pattern: str = ""
+    json_close_margin: int = 32
     disable_jump_forward: bool = False
     # HTTP front end
     api_key: str | None = None
@@ -147,6 +150,12 @@ class ServerArgs:
             help="torch threads in the scheduler process (default: every core)",
         )
         p.add_argument(
+            "--batched-extend-max-tokens",
+            type=int,
+            default=default("batched_extend_max_tokens"),
+            help="torch_native attention: extends of at most this many tokens share one call with the decodes (0: off)",
+        )
+        p.add_argument(
             "--chunked-prefill-size",
             type=int,
             default=default("chunked_prefill_size"),
@@ -157,6 +166,12 @@ class ServerArgs:
         )
         p.add_argument(
             "--disable-radix-cache", action="store_true", help="no prefix reuse (for measuring it)"
+        )
+        p.add_argument(
+            "--disable-defer-shared-prefix",
+            dest="defer_shared_prefix",
+            action="store_false",
+            help="admit requests sharing an uncached prefix together instead of letting the first cache it",
         )
         p.add_argument("--random-seed", type=int, default=None)
         p.add_argument(
@@ -175,6 +190,12 @@ class ServerArgs:
             "--grammar-whitespace-pattern",
             default=default("grammar_whitespace_pattern"),
             help='regex of the whitespace JSON output may have between tokens (default "": compact JSON; "[ ]?" allows one space)',
+        )
+        p.add_argument(
+            "--json-close-margin",
+            type=int,
+            default=default("json_close_margin"),
+            help="within this many tokens of max_new_tokens a JSON-schema request may only close its strings, arrays and objects where allowed, so it ends valid (0: off)",
         )
         p.add_argument(
             "--disable-jump-forward",

@@ -68,6 +68,9 @@ class SchedulerConfig:
     # jump-forward 1.5x faster end to end instead of 1.07x (benchmarks/bench_json.py), and the
     # output is shorter.
     grammar_whitespace_pattern: str | None = ""
+    # Within this many tokens of its limit, a json_schema request may only emit closing tokens
+    # where its grammar allows them (see json_closing.py); 0 turns it off.
+    json_close_margin: int = 32
     # Append the text a grammar forces without sampling it (prefilled as a short extend).
     disable_jump_forward: bool = False
 
@@ -91,6 +94,16 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.stop_checker = StopChecker(tokenizer)
         self.tokenizer = tokenizer
+        self.json_closer = None
+        if tokenizer is not None and config.json_close_margin > 0:
+            from smallm.runtime.scheduler.json_closing import JsonCloser
+
+            self.json_closer = JsonCloser(
+                tokenizer,
+                runner.model_config.vocab_size,
+                sorted(self.eos_token_ids),
+                config.json_close_margin,
+            )
         self.grammars = GrammarQueue(
             tokenizer,
             runner.model_config.vocab_size,
@@ -392,7 +405,10 @@ class Scheduler:
             # Unconstrained rows allow everything; each grammar writes its own row.
             mask = torch.full((len(reqs), bitmask_words(logits.shape[1])), -1, dtype=torch.int32)
             for j in constrained:
-                reqs[j].grammar.fill_bitmask(mask, j)
+                r = reqs[j]
+                r.grammar.fill_bitmask(mask, j)
+                if r.msg.params.json_schema is not None and self._near_limit(r):
+                    self.json_closer.restrict(mask[j])
             info.vocab_mask = mask
         sampled = self.sampler.sample(logits, info)
         for j, r in enumerate(reqs):
@@ -413,6 +429,12 @@ class Scheduler:
                     r.finish_reason = {"type": "stop", "matched": tok}
                 elif not self.config.disable_jump_forward and not r.msg.return_logprob:
                     self._jump_forward(r)
+
+    def _near_limit(self, r: Req) -> bool:
+        if self.json_closer is None:
+            return False
+        left = min(r.remaining_tokens(), self.runner.context_length - r.seq_len)
+        return left <= self.json_closer.margin
 
     def _jump_forward(self, r: Req) -> None:
         """Append the text r's grammar forces, as tokens, without sampling them. r goes back to
