@@ -81,7 +81,9 @@ class GrammarQueue:
                 r.grammar = handle.result(wait=False)
                 ready.append(r)
             except GrammarError as e:
-                failed.append((r, f"invalid {handle.key[1]}: {e}"))
+                kind, text = handle.key[1], str(e)
+                prefix = f"invalid {kind}"
+                failed.append((r, text if text.startswith(prefix) else f"{prefix}: {text}"))
         self.pending = still
         return ready, failed
 
