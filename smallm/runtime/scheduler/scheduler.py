@@ -408,7 +408,7 @@ class Scheduler:
                 r = reqs[j]
                 r.grammar.fill_bitmask(mask, j)
                 if r.msg.params.json_schema is not None and self._near_limit(r):
-                    self.json_closer.restrict(mask[j])
+                    self.json_closer.restrict(mask[j], r.output_ids)
             info.vocab_mask = mask
         sampled = self.sampler.sample(logits, info)
         for j, r in enumerate(reqs):
