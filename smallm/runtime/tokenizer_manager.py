@@ -160,8 +160,19 @@ class TokenizerManager:
             state = _ReqState(m, ResponseBuilder(self.tokenizer, m, text_in_logprobs), i, group)
             group.states.append(state)
             self.states[m.rid] = state
-        for m in msgs:
-            await self._send.send_pyobj(m)
+        sent = 0
+        try:
+            for m in msgs:
+                await self._send.send_pyobj(m)
+                sent += 1
+        except BaseException:  # e.g. the client left mid-submit: leave nothing behind
+            for i, state in enumerate(group.states):
+                if i < sent:
+                    self.abort(state.msg.rid)
+                    state.finished = state.detached = True
+                else:
+                    self.states.pop(state.msg.rid, None)
+            raise
         return group
 
     async def generate(self, call: GenerateCall) -> list[dict]:
