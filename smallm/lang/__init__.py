@@ -1,0 +1,45 @@
+"""The smallm language: SGLang-compatible prompt programs (``@function``, ``gen``, ``select``,
+roles, ``fork``) interpreted over a backend (in-process :class:`EngineBackend` or an HTTP
+:class:`RuntimeEndpoint`)."""
+
+from __future__ import annotations
+
+from smallm.lang.api import (
+    SglFunction,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    function,
+    gen,
+    gen_int,
+    gen_string,
+    get_default_backend,
+    select,
+    set_default_backend,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
+from smallm.lang.backends import Backend, EngineBackend, RuntimeEndpoint
+from smallm.lang.chat_template import ChatTemplate
+from smallm.lang.choices import (
+    ChoicesDecision,
+    ChoicesSamplingMethod,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from smallm.lang.interpreter import ProgramState, ProgramStateGroup, VariableError
+
+__all__ = [
+    "Backend", "ChatTemplate", "ChoicesDecision", "ChoicesSamplingMethod", "EngineBackend",
+    "ProgramState", "ProgramStateGroup", "RuntimeEndpoint", "SglFunction", "VariableError",
+    "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int",
+    "gen_string", "get_default_backend", "greedy_token_selection", "select",
+    "set_default_backend", "system", "system_begin", "system_end",
+    "token_length_normalized", "unconditional_likelihood_normalized", "user", "user_begin",
+    "user_end",
+]  # fmt: skip

@@ -1,0 +1,9 @@
+"""Backends: where a program's ``gen`` and ``select`` run."""
+
+from __future__ import annotations
+
+from smallm.lang.backends.base import Backend
+from smallm.lang.backends.endpoint import RuntimeEndpoint
+from smallm.lang.backends.engine import EngineBackend
+
+__all__ = ["Backend", "EngineBackend", "RuntimeEndpoint"]
