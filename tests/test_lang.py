@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import smallm as sgl
@@ -255,3 +257,20 @@ def test_greedy_token_selection_prefers_extended_prefix():
         input_token_logprobs=lp, output_token_logprobs=[[], []],
     )  # fmt: skip
     assert d.decision == "ab"
+
+
+def test_runtime_starts_and_stops_a_local_server(tiny_chat_model_dir):
+    @sgl.function
+    def hello(s):
+        s += sgl.user("Say hi.")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=4))
+
+    with sgl.Runtime(model_path=tiny_chat_model_dir, max_total_tokens=4096) as runtime:
+        state = hello.run(backend=runtime, temperature=0)
+        assert state.error() is None and state.get_meta_info("reply")["completion_tokens"] <= 4
+        pid = runtime.process.pid
+    assert runtime.process.poll() == 0  # a clean SIGTERM shutdown
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(RuntimeError, match="exited with code 2"):
+        sgl.Runtime(model_path=tiny_chat_model_dir, max_running_requests=0)

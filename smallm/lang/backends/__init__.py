@@ -5,5 +5,6 @@ from __future__ import annotations
 from smallm.lang.backends.base import Backend
 from smallm.lang.backends.endpoint import RuntimeEndpoint
 from smallm.lang.backends.engine import EngineBackend
+from smallm.lang.backends.runtime import Runtime
 
-__all__ = ["Backend", "EngineBackend", "RuntimeEndpoint"]
+__all__ = ["Backend", "EngineBackend", "Runtime", "RuntimeEndpoint"]
