@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # The language's names (SGLang's), resolved lazily from smallm.lang so `import smallm as sgl`
 # runs SGLang-style programs without importing the runtime.
 _LANG_NAMES = (
-    "Backend", "ChatTemplate", "EngineBackend", "ProgramState", "Runtime", "RuntimeEndpoint",
+    "Backend", "ChatTemplate", "EngineBackend", "OpenAI", "ProgramState", "Runtime", "RuntimeEndpoint",
     "SglFunction",
     "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int", "gen_string",
     "get_default_backend", "greedy_token_selection", "select", "set_default_backend", "system",

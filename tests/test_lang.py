@@ -274,3 +274,22 @@ def test_runtime_starts_and_stops_a_local_server(tiny_chat_model_dir):
         os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="exited with code 2"):
         sgl.Runtime(model_path=tiny_chat_model_dir, max_running_requests=0)
+
+
+def test_openai_backend_matches_the_native_endpoint(default_server):
+    endpoint = sgl.RuntimeEndpoint(default_server.url)
+    client = sgl.OpenAI(base_url=default_server.url + "/v1", chat_template=endpoint.chat_template)
+    a = chat.run(question="Name a large animal.", backend=client, temperature=0)
+    b = chat.run(question="Name a large animal.", backend=endpoint, temperature=0)
+    assert a.error() is None and a.text() == b.text()
+    streamed = chat.run(question="Name a large animal.", backend=client, temperature=0, stream=True)
+    assert "".join(streamed.text_iter("answer")) == b["answer"]
+
+    @sgl.function
+    def city(s):
+        s += sgl.user("What is the capital of France?")
+        s += sgl.assistant(
+            "The capital of France is" + sgl.select("c", [" Paris", " London", " Rome"])
+        )
+
+    assert city.run(backend=client)["c"] == " Paris"

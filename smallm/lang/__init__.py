@@ -23,7 +23,7 @@ from smallm.lang.api import (
     user_begin,
     user_end,
 )
-from smallm.lang.backends import Backend, EngineBackend, Runtime, RuntimeEndpoint
+from smallm.lang.backends import Backend, EngineBackend, OpenAI, Runtime, RuntimeEndpoint
 from smallm.lang.chat_template import ChatTemplate
 from smallm.lang.choices import (
     ChoicesDecision,
@@ -36,7 +36,7 @@ from smallm.lang.interpreter import ProgramState, ProgramStateGroup, VariableErr
 
 __all__ = [
     "Backend", "ChatTemplate", "ChoicesDecision", "ChoicesSamplingMethod", "EngineBackend",
-    "ProgramState", "ProgramStateGroup", "Runtime", "RuntimeEndpoint", "SglFunction", "VariableError",
+    "OpenAI", "ProgramState", "ProgramStateGroup", "Runtime", "RuntimeEndpoint", "SglFunction", "VariableError",
     "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int",
     "gen_string", "get_default_backend", "greedy_token_selection", "select",
     "set_default_backend", "system", "system_begin", "system_end",

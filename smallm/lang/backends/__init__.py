@@ -5,6 +5,7 @@ from __future__ import annotations
 from smallm.lang.backends.base import Backend
 from smallm.lang.backends.endpoint import RuntimeEndpoint
 from smallm.lang.backends.engine import EngineBackend
+from smallm.lang.backends.openai_backend import OpenAI
 from smallm.lang.backends.runtime import Runtime
 
-__all__ = ["Backend", "EngineBackend", "Runtime", "RuntimeEndpoint"]
+__all__ = ["Backend", "EngineBackend", "OpenAI", "Runtime", "RuntimeEndpoint"]
