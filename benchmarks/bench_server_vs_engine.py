@@ -19,12 +19,8 @@ import asyncio
 import os
 import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,11 +31,7 @@ prefer_passive_openmp()
 
 import bench_serving as bs  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from smallm.lang import Runtime  # noqa: E402
 
 
 def run_engine(model_path: str, specs: list, server_flags: dict) -> tuple[float, int]:
@@ -55,27 +47,6 @@ def run_engine(model_path: str, specs: list, server_flags: dict) -> tuple[float,
         outs = engine.generate(input_ids=[s.input_ids for s in specs], sampling_params=params)
         dt = time.perf_counter() - t0
     return dt, sum(o["meta_info"]["completion_tokens"] for o in outs)
-
-
-def start_server(model_path: str, port: int, flags: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "smallm.launch_server", "--model-path", model_path]
-    cmd += ["--port", str(port), "--log-level", "warning", *flags]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
-def flush(url: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", method="POST"), timeout=30)
 
 
 def main() -> None:
@@ -108,26 +79,24 @@ def main() -> None:
     engine_s, engine_tokens = run_engine(model_path, specs, flags)
     engine_tps = engine_tokens / engine_s
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(model_path, port, ["--max-total-tokens", str(args.max_total_tokens)])
+    # The server subprocess on a free port, stopped with SIGTERM when done.
+    server = Runtime(model_path, max_total_tokens=args.max_total_tokens, log_level="warning")
     try:
-        cfg.base_url = url
+        cfg.base_url = server.base_url
         warm = bs.BenchmarkConfig(**{**vars(cfg), "num_prompts": 2, "max_concurrency": 2})
         asyncio.run(bs.run_benchmark(warm, specs[:2], tokenizer=tokenizer))
-        flush(url)
+        server.flush_cache()
         served = asyncio.run(bs.run_benchmark(cfg, specs, tokenizer=tokenizer))
         print(bs.format_result(served))
         itl_rows = []
         for c in [int(x) for x in args.itl_concurrency.split(",") if x]:
-            flush(url)
+            server.flush_cache()
             n = max(c, min(len(specs), 2 * c))
             run_cfg = bs.BenchmarkConfig(**{**vars(cfg), "num_prompts": n, "max_concurrency": c})
             r = asyncio.run(bs.run_benchmark(run_cfg, specs[:n], tokenizer=tokenizer))
             itl_rows.append((c, r))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        server.shutdown()
 
     print()
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")

@@ -21,27 +21,26 @@ class ServerArgs:
     port: int = 30000
     served_model_name: str | None = None
     chat_template: str | None = None
-    # model runner
-    dtype: str = "auto"
-    context_length: int | None = None
-    max_total_tokens: int | None = None
-    max_running_requests: int = 256
-    mem_fraction_static: float = 0.25
-    attention_backend: str = "auto"
-    matmul_backend: str = "torch"
-    torch_threads: int | None = None
-    batched_extend_max_tokens: int = 16
-    # scheduler
-    chunked_prefill_size: int = 512
-    schedule_policy: str = "lpm"
-    disable_radix_cache: bool = False
-    defer_shared_prefix: bool = True
-    random_seed: int | None = None
-    grammar_backend: str = "auto"
-    grammar_compile_timeout: float = 60.0
-    grammar_whitespace_pattern: str = ""
-    json_close_margin: int = 32
-    disable_jump_forward: bool = False
+    # model runner and scheduler: their defaults, so the two never drift apart
+    dtype: str = RunnerConfig.dtype
+    context_length: int | None = RunnerConfig.context_length
+    max_total_tokens: int | None = RunnerConfig.max_total_tokens
+    max_running_requests: int = RunnerConfig.max_running_requests
+    mem_fraction_static: float = RunnerConfig.mem_fraction_static
+    attention_backend: str = RunnerConfig.attention_backend
+    matmul_backend: str = RunnerConfig.matmul_backend
+    torch_threads: int | None = RunnerConfig.torch_threads
+    batched_extend_max_tokens: int = RunnerConfig.batched_extend_max_tokens
+    chunked_prefill_size: int = SchedulerConfig.chunked_prefill_size
+    schedule_policy: str = SchedulerConfig.schedule_policy
+    disable_radix_cache: bool = SchedulerConfig.disable_radix_cache
+    defer_shared_prefix: bool = SchedulerConfig.defer_shared_prefix
+    random_seed: int | None = SchedulerConfig.random_seed
+    grammar_backend: str = SchedulerConfig.grammar_backend
+    grammar_compile_timeout: float = SchedulerConfig.grammar_compile_timeout
+    grammar_whitespace_pattern: str | None = SchedulerConfig.grammar_whitespace_pattern
+    json_close_margin: int = SchedulerConfig.json_close_margin
+    disable_jump_forward: bool = SchedulerConfig.disable_jump_forward
     # HTTP front end
     api_key: str | None = None
     enable_metrics: bool = True

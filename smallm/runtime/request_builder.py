@@ -66,26 +66,26 @@ class GenerateCall:
         call = cls()
         text = body.get("text")
         if text is not None:
-            if not (isinstance(text, str) or _is_list_of(text, str)):
+            if not (isinstance(text, str) or is_list_of(text, str)):
                 raise RequestError("text must be a string or a list of strings", "text")
             call.text = text
         ids = body.get("input_ids")
         if ids is not None:
-            if not (_is_list_of(ids, int) or (ids and all(_is_list_of(x, int) for x in ids))):
+            if not (is_list_of(ids, int) or (ids and all(is_list_of(x, int) for x in ids))):
                 raise RequestError(
                     "input_ids must be a list of integers or a list of such lists", "input_ids"
                 )
             call.input_ids = ids
         sp = body.get("sampling_params")
         if sp is not None:
-            if not (isinstance(sp, dict) or _is_list_of(sp, dict)):
+            if not (isinstance(sp, dict) or is_list_of(sp, dict)):
                 raise RequestError(
                     "sampling_params must be an object or a list of objects", "sampling_params"
                 )
             call.sampling_params = sp
         rid = body.get("rid")
         if rid is not None:
-            if not (isinstance(rid, str) or _is_list_of(rid, str)):
+            if not (isinstance(rid, str) or is_list_of(rid, str)):
                 raise RequestError("rid must be a string or a list of strings", "rid")
             call.rid = rid
         for name in ("return_logprob", "return_text_in_logprobs", "stream"):
@@ -107,7 +107,8 @@ class GenerateCall:
         return call
 
 
-def _is_list_of(value: Any, kind: type) -> bool:
+def is_list_of(value: Any, kind: type) -> bool:
+    """A non-empty list whose items are all ``kind`` (bools do not count as ints)."""
     if not isinstance(value, list) or not value:
         return False
     if kind is int:

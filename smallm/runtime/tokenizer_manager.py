@@ -140,23 +140,21 @@ class TokenizerManager:
     # ---- requests ------------------------------------------------------------------------
 
     def prepare(self, call: GenerateCall) -> list[GenerateRequest]:
-        """Tokenize and validate (raises RequestError / SamplingParamsError: HTTP 400)."""
-        msgs = build_requests(
+        """Tokenize and validate (raises RequestError / SamplingParamsError: HTTP 400). Request
+        ids already in use are refused by `submit`, where they are registered."""
+        return build_requests(
             call, self.tokenizer, self.info.vocab_size, context_length=self.info.context_length
         )
-        for m in msgs:
-            if m.rid in self.states:
-                raise RequestError(f"request id {m.rid!r} is already in use", "rid")
-        return msgs
 
     async def submit(self, msgs: list[GenerateRequest], text_in_logprobs: bool) -> _Group:
         """Send prepared requests to the scheduler; raises ServiceUnavailable."""
         if self.unavailable:
             raise ServiceUnavailable(self.unavailable)
+        taken = next((m.rid for m in msgs if m.rid in self.states), None)
+        if taken is not None:  # checked before registering any, so a refusal leaves nothing
+            raise RequestError(f"request id {taken!r} is already in use", "rid")
         group = _Group()
         for i, m in enumerate(msgs):
-            if m.rid in self.states:
-                raise RequestError(f"request id {m.rid!r} is already in use", "rid")
             state = _ReqState(m, ResponseBuilder(self.tokenizer, m, text_in_logprobs), i, group)
             group.states.append(state)
             self.states[m.rid] = state

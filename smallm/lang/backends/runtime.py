@@ -33,7 +33,8 @@ class RuntimeStartError(RuntimeError):
     """The server subprocess exited or did not become healthy in time (its log is attached)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,7 +61,7 @@ class Runtime(RuntimeEndpoint):
         start_timeout: float = 300.0,
         **server_args: Any,
     ):
-        port = server_args.pop("port", None) or _free_port()
+        port = server_args.pop("port", None) or free_port()
         cmd = [sys.executable, "-m", "smallm.launch_server", "--host", "127.0.0.1"]
         cmd += ["--port", str(port)]
         if model_path is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smallm.runtime.http.errors import ApiError
-from smallm.runtime.request_builder import GenerateCall, error_param
+from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 
 # OpenAI fields that are native sampling params under the same name, and SGLang's native extras.
@@ -175,10 +175,10 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
     prompt = body.get("prompt")
     text: str | list[str] | None = None
     ids: list[int] | list[list[int]] | None = None
-    if isinstance(prompt, str) or _list_of(prompt, str):
+    if isinstance(prompt, str) or is_list_of(prompt, str):
         text = prompt
-    elif _list_of(prompt, int) or (
-        _list_of(prompt, list) and all(_list_of(p, int) for p in prompt)
+    elif is_list_of(prompt, int) or (
+        is_list_of(prompt, list) and all(is_list_of(p, int) for p in prompt)
     ):
         ids = prompt
     else:
@@ -224,14 +224,6 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
         echo_texts=echo_texts,
         logprobs=logprobs,
     )
-
-
-def _list_of(value: Any, kind: type) -> bool:
-    if not isinstance(value, list) or not value:
-        return False
-    if kind is int:
-        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return all(isinstance(v, kind) for v in value)
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------

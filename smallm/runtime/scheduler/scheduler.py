@@ -64,9 +64,9 @@ class SchedulerConfig:
     grammar_backend: str = "auto"
     grammar_compile_timeout: float = 60.0  # seconds; the request fails after that
     # Whitespace a JSON schema allows between tokens (a regex; None: the backends' "[ ]?").
-    # Compact JSON ("") is the default: every separator becomes forced text, which made
-    # jump-forward 1.5x faster end to end instead of 1.07x (benchmarks/bench_json.py), and the
-    # output is shorter.
+    # Compact JSON ("") is the default: every separator becomes forced text; on 100 documents
+    # jump-forward was 1.21x faster end to end with it and 0.79x with "[ ]?" (before short
+    # extends were batched; docs/benchmarks.md), and the output is shorter.
     grammar_whitespace_pattern: str | None = ""
     # Within this many tokens of its limit, a json_schema request may only emit closing tokens
     # where its grammar allows them (see json_closing.py); 0 turns it off.
