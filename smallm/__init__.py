@@ -6,16 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# The language's names (SGLang's), resolved lazily from smallm.lang so `import smallm as sgl`
-# runs SGLang-style programs without importing the runtime.
-_LANG_NAMES = (
-    "Backend", "ChatTemplate", "EngineBackend", "OpenAI", "ProgramState", "Runtime", "RuntimeEndpoint",
-    "SglFunction",
-    "assistant", "assistant_begin", "assistant_end", "function", "gen", "gen_int", "gen_string",
-    "get_default_backend", "greedy_token_selection", "select", "set_default_backend", "system",
-    "system_begin", "system_end", "token_length_normalized",
-    "unconditional_likelihood_normalized", "user", "user_begin", "user_end",
-)  # fmt: skip
+# The language's names (SGLang's) come from smallm.lang, so `import smallm as sgl` runs
+# SGLang-style programs; smallm.lang does not import torch.
+from smallm.lang import *  # noqa: F403
+from smallm.lang import __all__ as _LANG_NAMES
 
 __all__ = ["Engine", "__version__", *_LANG_NAMES]
 
@@ -33,8 +27,4 @@ def __getattr__(name: str) -> Any:
         from smallm.runtime.engine import Engine
 
         return Engine
-    if name in _LANG_NAMES:
-        import smallm.lang
-
-        return getattr(smallm.lang, name)
     raise AttributeError(f"module 'smallm' has no attribute {name!r}")

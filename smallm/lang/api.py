@@ -12,7 +12,7 @@ from typing import Any
 
 from smallm.lang.choices import ChoicesSamplingMethod, token_length_normalized
 from smallm.lang.interpreter import ProgramState, StreamExecutor
-from smallm.lang.ir import ExprList, Gen, RoleBegin, RoleEnd, Select, to_expr
+from smallm.lang.ir import ExprList, Gen, Media, RoleBegin, RoleEnd, Select, to_expr
 from smallm.lang.sampling import INT_REGEX
 
 _default_backend: Any = None
@@ -115,6 +115,23 @@ def select(
     if not choices:
         raise ValueError("select needs a non-empty list of choices")
     return Select(name, list(choices), temperature, choices_method)
+
+
+def image(path: str) -> Media:
+    """An image input (SGLang's ``image``). smallm's models are text-only: a program that
+    appends one fails with a "no vision input" error in ``state.error()``."""
+    return Media("image", str(path))
+
+
+def video(path: str, num_frames: int = -1) -> Media:
+    """A video input (SGLang's ``video``); fails like :func:`image`."""
+    del num_frames
+    return Media("video", str(path))
+
+
+def flush_cache(backend: Any = None) -> bool:
+    """Empty the prefix cache of ``backend`` (default: the default backend); True on success."""
+    return _resolve_backend(backend).flush_cache()
 
 
 def _role(role: str, expr: Any = None) -> ExprList:

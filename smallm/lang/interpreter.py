@@ -3,13 +3,14 @@ expressions in order while the Python program continues (so forks and batches ov
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from smallm.lang import sampling
@@ -19,9 +20,12 @@ from smallm.lang.ir import (
     Expr,
     ExprList,
     Gen,
+    Media,
     RoleBegin,
     RoleEnd,
     Select,
+    VarScopeBegin,
+    VarScopeEnd,
     named_exprs,
     to_expr,
 )
@@ -56,6 +60,7 @@ class StreamExecutor:
         self.cur_role: str | None = None
         self.cur_role_begin_pos = 0
         self.fork_start_text_pos = 0
+        self.scope_start: dict[str, int] = {}
         self.error_: BaseException | None = None
         self.is_finished = False
         self._ended = False
@@ -181,6 +186,18 @@ class StreamExecutor:
             self._role_begin(expr.role)
         elif isinstance(expr, RoleEnd):
             self._role_end(expr.role)
+        elif isinstance(expr, VarScopeBegin):
+            self.scope_start[expr.name] = len(self.text_)
+        elif isinstance(expr, VarScopeEnd):
+            start = self.scope_start.pop(expr.name)
+            self.variables[expr.name] = self.text_[start:]
+            self.variable_event[expr.name].set()
+            self.stream_var_event[expr.name].set()
+        elif isinstance(expr, Media):
+            raise ValueError(
+                f"{expr.kind} input {expr.path!r}: this model has no vision input "
+                "(smallm serves text-only models)"
+            )
         else:
             raise TypeError(f"cannot execute {type(expr).__name__}")
 
@@ -310,6 +327,13 @@ class ProgramState:
         finally:
             group.join()
 
+    @contextlib.contextmanager
+    def var_scope(self, name: str) -> Iterator[None]:
+        """Capture the text appended inside the ``with`` block into variable ``name``."""
+        self.stream_executor.submit(VarScopeBegin(name))
+        yield
+        self.stream_executor.submit(VarScopeEnd(name))
+
     def _role(self, role: str, expr: Any) -> Any:
         if expr is not None:
             self += [RoleBegin(role), expr, RoleEnd(role)]
@@ -370,6 +394,18 @@ class ProgramState:
             if done or (ex.is_finished and ex.error_ is not None):
                 return
 
+    async def text_async_iter(self, var_name: str | None = None) -> AsyncIterator[str]:
+        """:meth:`text_iter` for asyncio code: waits in a worker thread, so the event loop stays
+        free while the program generates."""
+        loop = asyncio.get_running_loop()
+        pieces = self.text_iter(var_name)
+        done = object()
+        while True:
+            piece = await loop.run_in_executor(None, next, pieces, done)
+            if piece is done:
+                return
+            yield piece
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.stream_executor.end()
@@ -397,6 +433,21 @@ class ProgramStateGroup:
     def __setitem__(self, i: int, value: ProgramState) -> None:
         # `for f in forks: f += ...` rebinds only the loop name, but `forks[i] += ...` lands here.
         self.states[i] = value
+
+    def __iadd__(self, other: Any) -> ProgramStateGroup:
+        """Append to every branch: an expression (the same for all), a list (one per branch)
+        or a function of the branch index."""
+        if callable(other) and not isinstance(other, Expr):
+            values = [other(i) for i in range(len(self.states))]
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self.states):
+                raise ValueError(f"{len(other)} values for {len(self.states)} branches")
+            values = list(other)
+        else:
+            values = [other] * len(self.states)
+        for state, value in zip(self.states, values):
+            state += value
+        return self
 
     def join(self, mode: str = "gather_variable") -> None:
         """Bring the branches back. ``gather_variable`` (default): each variable first set in

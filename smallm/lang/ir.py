@@ -72,6 +72,29 @@ class RoleEnd(Expr):
     role: str
 
 
+@dataclasses.dataclass(eq=False)
+class VarScopeBegin(Expr):
+    """Start capturing the text appended from here into variable ``name``."""
+
+    name: str
+
+
+@dataclasses.dataclass(eq=False)
+class VarScopeEnd(Expr):
+    """Stop capturing: ``name`` becomes the text appended since its begin."""
+
+    name: str
+
+
+@dataclasses.dataclass(eq=False)
+class Media(Expr):
+    """An image or video input. smallm's models are text-only, so executing one fails with a
+    clear error instead of silently dropping it."""
+
+    kind: str  # "image" or "video"
+    path: str
+
+
 def to_expr(value: Any) -> Expr:
     """Coerce what users write after ``s +=`` into an expression."""
     if isinstance(value, Expr):
@@ -89,6 +112,8 @@ def to_expr(value: Any) -> Expr:
 def named_exprs(expr: Expr) -> list[str]:
     """Names of the variables ``expr`` will set, in order (used to pre-register them)."""
     if isinstance(expr, (Gen, Select)) and expr.name is not None:
+        return [expr.name]
+    if isinstance(expr, VarScopeBegin):
         return [expr.name]
     if isinstance(expr, ExprList):
         return [n for e in expr.exprs for n in named_exprs(e)]
