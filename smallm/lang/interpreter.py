@@ -65,6 +65,10 @@ class StreamExecutor:
         self.is_finished = False
         self._ended = False
         self._queue: queue.Queue[Expr | None] = queue.Queue()
+        # Registered here, in the creating thread, so a batching backend counts the worker
+        # before it has started.
+        self.coordinator = backend.coordinator
+        self._actor = self.coordinator.register()
         self._worker = threading.Thread(target=self._work, name="smallm-program", daemon=True)
         self._worker.start()
 
@@ -86,7 +90,8 @@ class StreamExecutor:
 
     def sync(self) -> None:
         """Wait until every submitted expression has run."""
-        self._queue.join()
+        with self.coordinator.waiting(lambda: self._queue.unfinished_tasks == 0):
+            self._queue.join()
 
     def end(self) -> None:
         """No more expressions will come from the program: let the worker finish."""
@@ -98,7 +103,8 @@ class StreamExecutor:
         """A variable's value, waiting for the expression that sets it."""
         event = self.variable_event.get(name)
         if event is not None:
-            event.wait()
+            with self.coordinator.waiting(event.is_set):
+                event.wait()
         if name not in self.variables:
             if self.error_ is not None:
                 raise VariableError(
@@ -110,8 +116,10 @@ class StreamExecutor:
     def get_meta_info(self, name: str, timeout: float | None = None) -> Any:
         """The backend's meta_info for the gen or select that set ``name``."""
         event = self.variable_event.get(name)
-        if event is not None and not event.wait(timeout):
-            raise TimeoutError(f"timed out waiting for {name!r}")
+        if event is not None:
+            with self.coordinator.waiting(event.is_set):
+                if not event.wait(timeout):
+                    raise TimeoutError(f"timed out waiting for {name!r}")
         return self.meta_info.get(name)
 
     def record_error(self, error: BaseException) -> None:
@@ -144,8 +152,16 @@ class StreamExecutor:
     # ---- the worker thread --------------------------------------------------------------
 
     def _work(self) -> None:
+        self.coordinator.bind(self._actor)
+        try:
+            self._work_loop()
+        finally:
+            self.coordinator.leave(self._actor)
+
+    def _work_loop(self) -> None:
         while True:
-            expr = self._queue.get()
+            with self.coordinator.waiting(lambda: self._queue.qsize() > 0):
+                expr = self._queue.get()
             if expr is None:
                 self._queue.task_done()
                 break

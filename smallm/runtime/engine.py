@@ -89,15 +89,16 @@ class Engine:
         prompt: str | list[str] | None = None,
         sampling_params: dict | list[dict] | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int | None = None,
-        top_logprobs_num: int | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict back) or a list (a list back, in order; ``n > 1``
-        gives n results per prompt, prompt-major). ``stream=True`` (one prompt, n = 1) returns an
+        gives n results per prompt, prompt-major). The logprob options take a value per
+        prompt as a list. ``stream=True`` (one prompt, n = 1) returns an
         iterator of dicts whose ``text`` is cumulative."""
         options = _RequestOptions(
             return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs, stream
@@ -262,11 +263,11 @@ class Engine:
 
 @dataclasses.dataclass
 class _RequestOptions:
-    """Per-call options of ``generate`` that apply to every prompt in it."""
+    """Per-call options of ``generate`` (the logprob ones may hold a value per prompt)."""
 
-    return_logprob: bool
-    logprob_start_len: int | None
-    top_logprobs_num: int | None
+    return_logprob: bool | list[bool]
+    logprob_start_len: int | list[int] | None
+    top_logprobs_num: int | list[int] | None
     return_text_in_logprobs: bool
     stream: bool
 

@@ -45,9 +45,10 @@ class GenerateCall:
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict | list[dict] | None = None
     rid: str | list[str] | None = None
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
+    # These three may also be lists, one value per prompt (SGLang's batch form).
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
 
@@ -88,22 +89,34 @@ class GenerateCall:
             if not (isinstance(rid, str) or is_list_of(rid, str)):
                 raise RequestError("rid must be a string or a list of strings", "rid")
             call.rid = rid
-        for name in ("return_logprob", "return_text_in_logprobs", "stream"):
+        for name in ("return_text_in_logprobs", "stream"):
             value = body.get(name)
             if value is not None:
                 if not isinstance(value, bool):
                     raise RequestError(f"{name} must be true or false, got {value!r}", name)
                 setattr(call, name, value)
-        for name in ("logprob_start_len", "top_logprobs_num"):
+        value = body.get("return_logprob")
+        if value is not None:
+            if not (isinstance(value, bool) or is_list_of(value, bool)):
+                raise RequestError(
+                    f"return_logprob must be true, false or a list of them, got {value!r}",
+                    "return_logprob",
+                )
+            call.return_logprob = value
+        for name, low, high in (("logprob_start_len", -1, None), ("top_logprobs_num", 0, 1000)):
             value = body.get(name)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise RequestError(f"{name} must be an integer, got {value!r}", name)
-                setattr(call, name, int(value))
-        if call.logprob_start_len < -1:
-            raise RequestError("logprob_start_len must be >= -1", "logprob_start_len")
-        if not 0 <= call.top_logprobs_num <= 1000:
-            raise RequestError("top_logprobs_num must be in [0, 1000]", "top_logprobs_num")
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not values or not is_list_of(values, int):
+                raise RequestError(
+                    f"{name} must be an integer or a list of integers, got {value!r}", name
+                )
+            for v in values:
+                if v < low or (high is not None and v > high):
+                    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                    raise RequestError(f"{name} must be {bounds}, got {v}", name)
+            setattr(call, name, value)
         return call
 
 
@@ -137,34 +150,44 @@ def build_requests(
             f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts",
             "sampling_params",
         )
-    rids = call.rid if isinstance(call.rid, list) else [call.rid] * len(prompts)
-    if len(rids) != len(prompts):
-        raise RequestError(f"rid has {len(rids)} entries for {len(prompts)} prompts", "rid")
+    rids = _per_prompt(call.rid, len(prompts), "rid")
+    want_logprobs = _per_prompt(call.return_logprob, len(prompts), "return_logprob")
+    starts = _per_prompt(call.logprob_start_len, len(prompts), "logprob_start_len")
+    tops = _per_prompt(call.top_logprobs_num, len(prompts), "top_logprobs_num")
     if isinstance(call.rid, list) and len(set(call.rid)) != len(call.rid):
         raise RequestError("rid entries must be distinct", "rid")
     out: list[GenerateRequest] = []
-    for ids, raw_params, rid in zip(prompts, params_list, rids):
+    for i, (ids, raw_params, rid) in enumerate(zip(prompts, params_list, rids)):
         params = SamplingParams.from_dict(raw_params).validate(vocab_size)
         _check_prompt(ids, vocab_size, params, context_length)
         base = rid or uuid.uuid4().hex
         group = base if params.n > 1 else None
-        for i in range(params.n):
+        for k in range(params.n):
             sample = dataclasses.replace(params, n=1)
             if params.n > 1 and params.seed is not None:
-                sample.seed = params.seed + i  # distinct samples, still reproducible
+                sample.seed = params.seed + k  # distinct samples, still reproducible
             out.append(
                 GenerateRequest(
-                    rid=base if params.n == 1 else f"{base}-{i}",
+                    rid=base if params.n == 1 else f"{base}-{k}",
                     input_ids=list(ids),
                     params=sample,
-                    return_logprob=call.return_logprob,
-                    logprob_start_len=call.logprob_start_len,
-                    top_logprobs_num=call.top_logprobs_num,
+                    return_logprob=want_logprobs[i],
+                    logprob_start_len=starts[i],
+                    top_logprobs_num=tops[i],
                     stream=call.stream,
                     group=group,
                 )
             )
     return out
+
+
+def _per_prompt(value: Any, count: int, name: str) -> list:
+    """A top-level option as one value per prompt (a list must have one entry per prompt)."""
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise RequestError(f"{name} has {len(value)} entries for {count} prompts", name)
+    return value
 
 
 def _token_lists(tokenizer: Any, call: GenerateCall) -> list[list[int]]:

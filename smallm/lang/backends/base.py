@@ -9,12 +9,20 @@ from typing import Any
 
 from smallm.lang.chat_template import ChatTemplate
 from smallm.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+from smallm.lang.coordinator import NULL_COORDINATOR, Coordinator
 from smallm.lang.sampling import split_request
 
 
 class Backend(ABC):
     """Runs generations for programs. Subclasses provide one native call (``_call``) and its
     streaming form; generation, selection and chat template handling are built on those."""
+
+    #: Whether :meth:`generate_many` / :meth:`select_many` send one request for many items
+    #: (what compiled ``run_batch`` relies on).
+    batches_requests = True
+
+    #: How a program's threads tell a batching backend that they wait (no-op by default).
+    coordinator: Coordinator = NULL_COORDINATOR
 
     @property
     @abstractmethod
@@ -56,6 +64,34 @@ class Backend(ABC):
             if piece or chunk["meta_info"].get("finish_reason") is not None:
                 yield piece, chunk["meta_info"]
 
+    def generate_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict]]:
+        """Several completions as one native request: a list of prompts with one
+        ``sampling_params`` (and logprob options) per prompt. Items must have ``n`` 1."""
+        if len(items) == 1:
+            return [self.generate(*items[0])]
+        texts, sampling_list, want, starts, tops = [], [], [], [], []
+        text_in_logprobs = False
+        for text, params in items:
+            sampling, request = split_request(params)
+            texts.append(text)
+            sampling_list.append(sampling)
+            want.append(bool(request.get("return_logprob", False)))
+            starts.append(request.get("logprob_start_len", -1))
+            tops.append(request.get("top_logprobs_num", 0))
+            text_in_logprobs |= bool(request.get("return_text_in_logprobs", False))
+        outs = self._call(
+            {
+                "text": texts,
+                "sampling_params": sampling_list,
+                "return_logprob": want,
+                "logprob_start_len": starts,
+                "top_logprobs_num": tops,
+                "return_text_in_logprobs": text_in_logprobs,
+            }
+        )
+        assert isinstance(outs, list) and len(outs) == len(items)
+        return [(o["text"], o["meta_info"]) for o in outs]
+
     def select(
         self,
         text: str,
@@ -69,34 +105,44 @@ class Backend(ABC):
         prefill-only call on the prefix (warms the cache, gives its token count), then one
         batched call with prompt logprobs from two tokens before the choice (room for the
         tokenizer merging the prefix's last token with the choice's first)."""
-        if temperature > 1e-5:
+        return self.select_many([(text, choices, temperature, method)])[0]
+
+    def select_many(
+        self, items: list[tuple[str, list[str], float, ChoicesSamplingMethod]]
+    ) -> list[ChoicesDecision]:
+        """:meth:`select` for several prefixes, with the same number of requests as one."""
+        if any(temperature > 1e-5 for _, _, temperature, _ in items):
             raise ValueError("select supports only temperature 0")
-        first = self._call({"text": text, "sampling_params": {"max_new_tokens": 0}})
-        assert isinstance(first, dict)
-        start = max(first["meta_info"]["prompt_tokens"] - 2, 0)
+        texts = [text for text, _, _, _ in items]
+        single = len(items) == 1
+        first = self._call(
+            {"text": texts[0] if single else texts, "sampling_params": {"max_new_tokens": 0}}
+        )
+        firsts = [first] if single else first
+        assert isinstance(firsts, list) and len(firsts) == len(items)
+        prompts, starts = [], []
+        for (text, choices, _, _), f in zip(items, firsts):
+            start = max(f["meta_info"]["prompt_tokens"] - 2, 0)
+            prompts += [text + c for c in choices]
+            starts += [start] * len(choices)
         outs = self._call(
             {
-                "text": [text + c for c in choices],
+                "text": prompts,
                 "sampling_params": {"max_new_tokens": 0, "temperature": 0},
                 "return_logprob": True,
                 "return_text_in_logprobs": True,
-                "logprob_start_len": start,
+                "logprob_start_len": starts[0] if single else starts,
             }
         )
-        assert isinstance(outs, list)
-        inputs = [o["meta_info"]["input_token_logprobs"] for o in outs]
-        outputs = [o["meta_info"].get("output_token_logprobs", []) for o in outs]
-        normalized = [_mean_logprob(x) for x in inputs]
-        for i, lps in enumerate(inputs):
-            # If the first scored token lies wholly inside the prefix, no merge happened:
-            # drop it from the choice's score (SGLang's "token healing" correction).
-            first_text = lps[0][2]
-            if len(lps) > 1 and first_text is not None and text.endswith(first_text):
-                normalized[i] = (normalized[i] * len(lps) - (lps[0][0] or 0.0)) / (len(lps) - 1)
-                inputs[i] = lps[1:]
-        unconditional = None
-        if method.requires_unconditional_logprobs:
-            ids = [[t[1] for t in lps] for lps in inputs]
+        assert isinstance(outs, list) and len(outs) == len(prompts)
+        scored = []
+        for text, choices, _, _ in items:
+            mine, outs = outs[: len(choices)], outs[len(choices) :]
+            scored.append(_score_choices(text, mine))
+        unconditional: list[Any] = [None] * len(items)
+        need = [i for i, item in enumerate(items) if item[3].requires_unconditional_logprobs]
+        if need:
+            ids = [[t[1] for t in lps] for i in need for lps in scored[i][0]]
             outs = self._call(
                 {
                     "input_ids": ids,
@@ -105,14 +151,39 @@ class Backend(ABC):
                     "logprob_start_len": 0,
                 }
             )
-            unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
-        return method(
-            choices=choices,
-            normalized_prompt_logprobs=normalized,
-            input_token_logprobs=inputs,
-            output_token_logprobs=outputs,
-            unconditional_token_logprobs=unconditional,
-        )
+            for i in need:
+                count = len(items[i][1])
+                mine, outs = outs[:count], outs[count:]
+                unconditional[i] = [o["meta_info"]["input_token_logprobs"] for o in mine]
+        decisions = []
+        for (_, choices, _, method), (inputs, normalized, outputs), uncond in zip(
+            items, scored, unconditional
+        ):
+            decisions.append(
+                method(
+                    choices=choices,
+                    normalized_prompt_logprobs=normalized,
+                    input_token_logprobs=inputs,
+                    output_token_logprobs=outputs,
+                    unconditional_token_logprobs=uncond,
+                )
+            )
+        return decisions
+
+
+def _score_choices(text: str, outs: list[dict]) -> tuple[list, list[float], list]:
+    """(input logprobs, normalized score, output logprobs) of each choice of one select."""
+    inputs = [o["meta_info"]["input_token_logprobs"] for o in outs]
+    outputs = [o["meta_info"].get("output_token_logprobs", []) for o in outs]
+    normalized = [_mean_logprob(x) for x in inputs]
+    for i, lps in enumerate(inputs):
+        # If the first scored token lies wholly inside the prefix, no merge happened:
+        # drop it from the choice's score (SGLang's "token healing" correction).
+        first_text = lps[0][2]
+        if len(lps) > 1 and first_text is not None and text.endswith(first_text):
+            normalized[i] = (normalized[i] * len(lps) - (lps[0][0] or 0.0)) / (len(lps) - 1)
+            inputs[i] = lps[1:]
+    return inputs, normalized, outputs
 
 
 def _mean_logprob(entries: list[list]) -> float:

@@ -31,6 +31,7 @@ class RuntimeEndpoint(Backend):
     ):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.requests_sent = 0  # HTTP requests made, for measuring what a program costs
         self._session = requests.Session()
         if api_key:
             self._session.headers["Authorization"] = f"Bearer {api_key}"
@@ -44,16 +45,19 @@ class RuntimeEndpoint(Backend):
         return self._template
 
     def _get(self, path: str) -> dict:
+        self.requests_sent += 1
         r = self._session.get(self.base_url + path, timeout=self.timeout)
         _check(r)
         return r.json()
 
     def _call(self, payload: dict[str, Any]) -> dict | list[dict]:
+        self.requests_sent += 1
         r = self._session.post(self.base_url + "/generate", json=payload, timeout=self.timeout)
         _check(r)
         return r.json()
 
     def _call_stream(self, payload: dict[str, Any]) -> Iterator[dict]:
+        self.requests_sent += 1
         with self._session.post(
             self.base_url + "/generate",
             json={**payload, "stream": True},
@@ -73,6 +77,7 @@ class RuntimeEndpoint(Backend):
                 yield chunk
 
     def flush_cache(self) -> bool:
+        self.requests_sent += 1
         r = self._session.post(self.base_url + "/flush_cache", timeout=self.timeout)
         return r.status_code == 200
 

@@ -39,6 +39,9 @@ class OpenAIBackendError(RuntimeError):
 class OpenAI(Backend):
     """``OpenAI(model, base_url="http://127.0.0.1:30000/v1", api_key=None, chat_template=None)``."""
 
+    # One completions request per gen: compiled batches would only serialise the programs.
+    batches_requests = False
+
     def __init__(
         self,
         model: str | None = None,
@@ -132,6 +135,12 @@ class OpenAI(Backend):
             input_token_logprobs=inputs,
             output_token_logprobs=[[] for _ in choices],
         )
+
+    def generate_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict]]:
+        return [self.generate(text, params) for text, params in items]
+
+    def select_many(self, items: list) -> list[ChoicesDecision]:
+        return [self.select(*item) for item in items]
 
     def _call(self, payload: dict[str, Any]) -> dict | list[dict]:
         raise OpenAIBackendError("the OpenAI backend has no native /generate call")
