@@ -166,8 +166,7 @@ def run_step_aligned(
     states: list[Any] = [None] * len(batch_kwargs)
     slots = threading.Semaphore(max_concurrency)
 
-    def one(i: int) -> None:
-        actor = batcher.register()
+    def one(i: int, actor: Any) -> None:
         batcher.bind(actor)
         try:
             state = start(batcher, batch_kwargs[i])
@@ -184,7 +183,9 @@ def run_step_aligned(
     threads = []
     for i in range(len(batch_kwargs)):
         slots.acquire()
-        t = threading.Thread(target=one, args=(i,), name="smallm-program-body", daemon=True)
+        # Registered before the thread starts, so no round leaves without this program.
+        actor = batcher.register()
+        t = threading.Thread(target=one, args=(i, actor), name="smallm-program-body", daemon=True)
         t.start()
         threads.append(t)
     for t in threads:
