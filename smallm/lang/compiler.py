@@ -160,34 +160,42 @@ def run_step_aligned(
     max_concurrency: int,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[ProgramState], BatchStats]:
-    """Run ``start(batcher, kwargs)`` for each kwargs on one :class:`StepBatcher`, at most
-    ``max_concurrency`` programs at a time; states in order, and what was sent."""
+    """Run ``start(batcher, kwargs)`` for each kwargs on one :class:`StepBatcher`, with
+    ``max_concurrency`` program threads; states in order, and what was sent."""
     batcher = StepBatcher(backend)
     states: list[Any] = [None] * len(batch_kwargs)
-    slots = threading.Semaphore(max_concurrency)
+    next_index = iter(range(len(batch_kwargs)))
+    take = threading.Lock()
 
-    def one(i: int, actor: Any) -> None:
+    def worker(actor: Any) -> None:
+        # One actor per thread for all the programs it runs: between two programs it counts
+        # as running, so no round leaves without the next program's first call.
         batcher.bind(actor)
         try:
-            state = start(batcher, batch_kwargs[i])
-            state.sync()
-            states[i] = state
-        except BaseException as e:  # re-raised in the caller's thread below
-            states[i] = e
+            while True:
+                with take:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                try:
+                    state = start(batcher, batch_kwargs[i])
+                    state.sync()
+                    states[i] = state
+                except BaseException as e:  # re-raised in the caller's thread below
+                    states[i] = e
+                if on_done is not None:
+                    on_done()
         finally:
             batcher.leave(actor)
-            slots.release()
-            if on_done is not None:
-                on_done()
 
-    threads = []
-    for i in range(len(batch_kwargs)):
-        slots.acquire()
-        # Registered before the thread starts, so no round leaves without this program.
-        actor = batcher.register()
-        t = threading.Thread(target=one, args=(i, actor), name="smallm-program-body", daemon=True)
+    # All actors exist before any thread runs, so the first round waits for every program.
+    actors = [batcher.register() for _ in range(max_concurrency)]
+    threads = [
+        threading.Thread(target=worker, args=(a,), name="smallm-program-body", daemon=True)
+        for a in actors
+    ]
+    for t in threads:
         t.start()
-        threads.append(t)
     for t in threads:
         t.join()
     for s in states:

@@ -220,8 +220,12 @@ class StreamExecutor:
     def _execute_gen(self, expr: Gen) -> None:
         params = sampling.resolve(self.defaults, expr.params, list(self.chat_template.stop_str))
         name = expr.name
+        messages = self._chat_prompt() if self.backend.chat_only else None
         if not self.stream:
-            text, meta = self.backend.generate(self.text_, params)
+            if messages is not None:
+                text, meta = self.backend.generate_chat(messages, params)
+            else:
+                text, meta = self.backend.generate(self.text_, params)
             self.text_ += text
             if name is not None:
                 self.variables[name] = text
@@ -231,7 +235,11 @@ class StreamExecutor:
         if name is not None:
             self.variables[name] = ""
             self.stream_var_event[name].set()
-        for piece, meta in self.backend.generate_stream(self.text_, params):
+        if messages is not None:
+            pieces = self.backend.generate_chat(messages, params, stream=True)
+        else:
+            pieces = self.backend.generate_stream(self.text_, params)
+        for piece, meta in pieces:
             self.text_ += piece
             if name is not None:
                 self.variables[name] += piece
@@ -241,6 +249,15 @@ class StreamExecutor:
         if name is not None:
             self.variable_event[name].set()
             self.stream_var_event[name].set()
+
+    def _chat_prompt(self) -> list[dict[str, Any]]:
+        """The messages a chat-only backend answers: the gen must open an assistant turn."""
+        if self.cur_role != "assistant" or self.text_[self.cur_role_begin_pos :].strip():
+            raise ValueError(
+                "this backend only generates whole assistant messages (a chat API): put each "
+                "gen alone in an assistant turn, e.g. s += assistant(gen('answer'))"
+            )
+        return list(self.messages_)
 
     def _execute_select(self, expr: Select) -> None:
         decision = self.backend.select(

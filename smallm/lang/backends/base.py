@@ -21,6 +21,17 @@ class Backend(ABC):
     #: (what compiled ``run_batch`` relies on).
     batches_requests = True
 
+    #: A chat-only backend generates whole assistant turns from the chat's messages
+    #: (:meth:`generate_chat`) instead of continuing the rendered text.
+    chat_only = False
+
+    def generate_chat(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool = False
+    ) -> Any:
+        """The next assistant message for ``messages``: (text, meta_info), or with ``stream``
+        an iterator of (piece, meta_info). Only chat-only backends implement it."""
+        raise NotImplementedError(f"{type(self).__name__} continues text; it has no chat mode")
+
     #: How a program's threads tell a batching backend that they wait (no-op by default).
     coordinator: Coordinator = NULL_COORDINATOR
 

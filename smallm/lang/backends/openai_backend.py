@@ -1,7 +1,11 @@
-"""``OpenAI``: programs on any OpenAI-compatible server, through its completions API.
+"""``OpenAI``: programs on any OpenAI-compatible server, through its completions API, or its
+chat API for chat-only servers.
 
-The program's text (roles rendered with ``chat_template``, ChatML by default) is sent as a
-completion prompt, so the model sees exactly what it would see through the native API.
+Completions (default): the program's text (roles rendered with ``chat_template``, ChatML by
+default) is sent as a completion prompt, so the model sees exactly what it would see through the
+native API. Chat (``is_chat_model=True``): each gen must be a whole assistant turn; the program's
+messages go to ``/chat/completions`` and the server applies its own template; ``json_schema``
+becomes ``response_format``; ``select`` cannot work (no prompt logprobs) and says so.
 ``select`` scores each choice with ``echo`` + ``logprobs`` and ``max_tokens: 0`` (smallm, SGLang
 and vLLM servers support that); a server that returns no prompt logprobs gets a clear error.
 Grammar constraints (``regex``, ``json_schema``) are passed as the extra fields smallm and SGLang
@@ -10,6 +14,7 @@ accept; other servers may reject them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,10 +53,12 @@ class OpenAI(Backend):
         base_url: str | None = None,
         api_key: str | None = None,
         chat_template: Any = None,
+        is_chat_model: bool = False,
         **client_kwargs: Any,
     ):
         import openai
 
+        self.chat_only = is_chat_model
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", **client_kwargs)
         self.model = model or self.client.models.list().data[0].id
         self._template = ct.load(chat_template, None)
@@ -82,6 +89,43 @@ class OpenAI(Backend):
         choice = resp.choices[0]
         return choice.text, _meta(resp.id, choice.finish_reason, resp.usage)
 
+    def generate_chat(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool = False
+    ) -> Any:
+        body = self._request(params)
+        extra = body.get("extra_body", {})
+        schema = extra.pop("json_schema", None)
+        if schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": json.loads(schema)},
+            }
+        if not extra:
+            body.pop("extra_body", None)
+        if stream:
+            return self._chat_stream(messages, body)
+        resp = self.client.chat.completions.create(model=self.model, messages=messages, **body)
+        choice = resp.choices[0]
+        return choice.message.content or "", _meta(resp.id, choice.finish_reason, resp.usage)
+
+    def _chat_stream(self, messages: list[dict], body: dict) -> Iterator[tuple[str, dict]]:
+        stream = self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **body,
+        )
+        finish, usage, rid = None, None, ""
+        for chunk in stream:
+            rid = chunk.id
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                if c.delta.content:
+                    yield c.delta.content, _meta(rid, None, None)
+        yield "", _meta(rid, finish, usage)
+
     def generate_stream(self, text: str, params: dict[str, Any]) -> Iterator[tuple[str, dict]]:
         stream = self.client.completions.create(
             model=self.model,
@@ -103,6 +147,11 @@ class OpenAI(Backend):
     def select(
         self, text: str, choices: list[str], temperature: float, method: ChoicesSamplingMethod
     ) -> ChoicesDecision:
+        if self.chat_only:
+            raise OpenAIBackendError(
+                "select needs prompt logprobs, which a chat API does not return; use "
+                "is_chat_model=False with a server that has the completions API"
+            )
         if method.requires_unconditional_logprobs:
             raise OpenAIBackendError(
                 "unconditional_likelihood_normalized needs token ids, which the OpenAI API "

@@ -68,6 +68,7 @@ class StepBatcher(Backend, Coordinator):
         self._local = threading.local()
         self._pending: list[_Call] = []
         self._last_change = time.monotonic()
+        self._watchdog: threading.Thread | None = None
 
     # ---- Backend: calls are queued for a round ------------------------------------------
 
@@ -107,15 +108,27 @@ class StepBatcher(Backend, Coordinator):
         with self._cv:
             self._pending.append(call)
             self._touch()
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="smallm-round-watchdog", daemon=True
+                )
+                self._watchdog.start()
         with self.waiting(call.done.is_set):
-            while not call.done.wait(self.max_wait):
-                with self._cv:
-                    stalled = time.monotonic() - self._last_change >= self.max_wait
-                    if stalled and call in self._pending:
-                        self._flush_locked()
+            call.done.wait()
         if call.error is not None:
             raise call.error
         return call.result
+
+    def _watch(self) -> None:
+        """Send a stalled round: calls wait and nothing has changed for ``max_wait``."""
+        while True:
+            time.sleep(self.max_wait / 2)
+            with self._cv:
+                if not self._pending and not self._actors:
+                    self._watchdog = None
+                    return
+                if self._pending and time.monotonic() - self._last_change >= self.max_wait:
+                    self._flush_locked()
 
     # ---- Coordinator: who could still add a call ---------------------------------------
 
