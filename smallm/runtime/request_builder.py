@@ -9,7 +9,6 @@ manager, so both accept and reject exactly the same inputs.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import uuid
 from dataclasses import dataclass
 from typing import Any

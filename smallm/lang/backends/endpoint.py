@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ import requests
 from smallm.lang import chat_template as ct
 from smallm.lang.backends.base import Backend
 
+logger = logging.getLogger(__name__)
+
 
 class BackendError(RuntimeError):
     """The server refused or failed a request."""
@@ -19,8 +22,9 @@ class BackendError(RuntimeError):
 
 class RuntimeEndpoint(Backend):
     """A server at ``base_url``. The chat template comes from ``chat_template`` if given, else
-    from the server's ``tokenizer_path`` when that directory exists on this machine, else ChatML
-    (the same fallback SGLang's frontend uses for unknown models)."""
+    from the server's ``tokenizer_path`` when that directory exists on this machine, else from
+    the Jinja template a smallm server reports in ``/get_model_info``, else ChatML (the same
+    fallback SGLang's frontend uses for unknown models)."""
 
     def __init__(
         self,
@@ -38,6 +42,13 @@ class RuntimeEndpoint(Backend):
         self.model_info = self._get("/get_model_info")
         tok_path = self.model_info.get("tokenizer_path") or self.model_info.get("model_path")
         local = tok_path if tok_path and os.path.isdir(tok_path) else None
+        served = self.model_info.get("chat_template")
+        if chat_template is None and local is None and isinstance(served, str) and served:
+            # A remote smallm server: render its own template (an SGLang server gives none).
+            try:
+                chat_template = ct.load(served)
+            except Exception as e:
+                logger.warning("cannot use the server's chat template (%s); using ChatML", e)
         self._template = ct.load(chat_template, local)
 
     @property

@@ -56,6 +56,9 @@ def model_info(ctx: ServerContext) -> dict:
         "served_model_name": ctx.info.served_model_name,
         "context_length": ctx.info.context_length,
         "vocab_size": ctx.info.vocab_size,
+        # An extra over SGLang's fields: lets a remote frontend render prompts as this
+        # server's chat endpoint does (smallm.lang.RuntimeEndpoint uses it).
+        "chat_template": getattr(ctx.tokenizer, "chat_template", None),
     }
 
 

@@ -1,8 +1,10 @@
-"""The language on an OpenAI-compatible server through its chat API (``is_chat_model=True``):
-whole assistant turns, the server's own chat template."""
+"""Language backends against a real server: the OpenAI backend's chat-API mode
+(``is_chat_model=True``: whole assistant turns, the server's own chat template), and a remote
+native endpoint rendering the server's chat template."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,3 +66,13 @@ def test_chat_api_backend_refuses_what_it_cannot_do(default_server):
     assert "prompt logprobs" in str(chooses.run(backend=client).error())
     with pytest.raises(sl.VariableError):
         chooses.run(backend=client)["c"]
+
+
+def test_a_remote_endpoint_renders_the_servers_own_chat_template(default_server, monkeypatch):
+    local = sl.RuntimeEndpoint(default_server.url)  # tokenizer directory readable here
+    # As if the server ran on another machine: its tokenizer_path is not a local directory.
+    monkeypatch.setattr("smallm.lang.backends.endpoint.os.path.isdir", lambda path: False)
+    remote = sl.RuntimeEndpoint(default_server.url)
+    same_name = dataclasses.replace(remote.chat_template, name=local.chat_template.name)
+    assert same_name == local.chat_template
+    assert remote.model_info["chat_template"].startswith("{%")
