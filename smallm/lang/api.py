@@ -188,7 +188,7 @@ def assistant_end() -> RoleEnd:
 
 # Program-level sampling defaults accepted by run/run_batch (SGLang's names).
 _RUN_SAMPLING = (
-    "max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
+    "max_new_tokens", "n", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
     "frequency_penalty", "presence_penalty", "ignore_eos", "return_logprob",
     "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs",
 )  # fmt: skip
@@ -224,8 +224,10 @@ class SglFunction:
 
         Errors in the program or the backend do not raise here: ``state.error()`` returns
         them, and reading a variable that was never set raises."""
-        defaults = {k: kwargs.pop(k) for k in _RUN_SAMPLING if k in kwargs}
-        if "max_tokens" in kwargs:
+        # A name the program itself takes stays the program's argument.
+        own = set(self.arg_names)
+        defaults = {k: kwargs.pop(k) for k in _RUN_SAMPLING if k in kwargs and k not in own}
+        if "max_tokens" in kwargs and "max_tokens" not in own:
             defaults["max_new_tokens"] = kwargs.pop("max_tokens")
         backend = resolve_backend(backend)
         executor = StreamExecutor(backend, defaults, stream)
@@ -261,7 +263,8 @@ class SglFunction:
         compiled: bool = False,
         **sampling_defaults: Any,
     ) -> list[ProgramState]:
-        """Run the program once per kwargs dict, concurrently; states come back in order.
+        """Run the program once per kwargs dict (or tuple of positional arguments),
+        concurrently; states come back in order.
 
         Interpreted (default): a thread per program, each gen its own request, at most
         ``num_threads`` programs at a time ("auto": 96, or 16 per CPU). ``compiled=True``:
@@ -270,6 +273,10 @@ class SglFunction:
         programs in one lockstep, up to 1024). Same results either way."""
         if not batch_kwargs:
             return []
+        # SGLang also takes each program's arguments as a positional tuple.
+        batch_kwargs = [
+            kw if isinstance(kw, dict) else dict(zip(self.arg_names, kw)) for kw in batch_kwargs
+        ]
         backend = resolve_backend(backend)
         bar = None
         if progress_bar:

@@ -39,6 +39,9 @@ class ChoicesSamplingMethod(ABC):
     ) -> ChoicesDecision: ...
 
 
+_TIE = 1e-5
+
+
 def _argmax(values: list[float]) -> int:
     # First maximum wins, like numpy.argmax, so ties resolve to the earlier choice.
     return max(range(len(values)), key=lambda i: (values[i], -i))
@@ -77,7 +80,9 @@ class GreedyTokenSelection(ChoicesSamplingMethod):
         remaining = list(range(len(choices)))
         for j in range(width):
             best = max(matrix[i][j] for i in remaining)
-            remaining = [i for i in remaining if matrix[i][j] == best]
+            # Within float noise counts as a tie: the same token scored in two rows of one
+            # batch can differ in the 7th digit, which must not decide (SGLang compares ==).
+            remaining = [i for i in remaining if matrix[i][j] >= best - _TIE]
             if len(remaining) == 1:
                 break
         meta = _base_meta(normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs)

@@ -226,12 +226,17 @@ class StreamExecutor:
                 text, meta = self.backend.generate_chat(messages, params)
             else:
                 text, meta = self.backend.generate(self.text_, params)
+            value = text
+            if isinstance(text, list):  # n > 1: the variable holds all; the text goes on
+                text = text[0]  # with the first
             self.text_ += text
             if name is not None:
-                self.variables[name] = text
+                self.variables[name] = value
                 self.meta_info[name] = meta
                 self.variable_event[name].set()
             return
+        if params.get("n", 1) != 1:
+            raise ValueError("gen(n > 1) cannot stream; run the program with stream=False")
         if name is not None:
             self.variables[name] = ""
             self.stream_var_event[name].set()

@@ -26,8 +26,10 @@ REQUEST_KEYS = (
 )
 
 # Regexes for ``dtype``: ASCII classes only (a Unicode ``\d`` makes much larger automata).
-INT_REGEX = r"[-+]?[0-9]+"
-FLOAT_REGEX = r"[-+]?[0-9]+(\.[0-9]+)?"
+# As SGLang's, numbers may end in spaces / newlines: that is how the model says "done" (the
+# gen's stop strings " " and "\n" then end it); without it a number runs to max_tokens.
+INT_REGEX = r"[-+]?[0-9]+[ \n]*"
+FLOAT_REGEX = r"[-+]?[0-9]+(\.[0-9]+)?[ \n]*"
 BOOL_REGEX = r"(True|False)"
 STR_REGEX = r"\"[\w\d\s]*\""
 

@@ -58,11 +58,13 @@ class Backend(ABC):
 
     # ---- built on _call -------------------------------------------------------------------
 
-    def generate(self, text: str, params: dict[str, Any]) -> tuple[str, dict]:
-        """Complete ``text`` with resolved sampling ``params``: (completion, meta_info)."""
+    def generate(self, text: str, params: dict[str, Any]) -> tuple[Any, Any]:
+        """Complete ``text`` with resolved sampling ``params``: (completion, meta_info); with
+        ``n`` > 1, (list of n completions, list of their meta_info)."""
         sampling, request = split_request(params)
         out = self._call({"text": text, "sampling_params": sampling, **request})
-        assert isinstance(out, dict)
+        if isinstance(out, list):
+            return [o["text"] for o in out], [o["meta_info"] for o in out]
         return out["text"], out["meta_info"]
 
     def generate_stream(self, text: str, params: dict[str, Any]) -> Iterator[tuple[str, dict]]:

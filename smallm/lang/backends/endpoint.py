@@ -32,11 +32,17 @@ class RuntimeEndpoint(Backend):
         api_key: str | None = None,
         chat_template: Any = None,
         timeout: float | None = 600.0,
+        verify: Any = None,
+        chat_template_name: str | None = None,
     ):
+        # verify (TLS: a CA bundle path or False) and chat_template_name are SGLang's names.
+        chat_template = chat_template if chat_template is not None else chat_template_name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.requests_sent = 0  # HTTP requests made, for measuring what a program costs
         self._session = requests.Session()
+        if verify is not None:
+            self._session.verify = verify
         if api_key:
             self._session.headers["Authorization"] = f"Bearer {api_key}"
         self.model_info = self._get("/get_model_info")

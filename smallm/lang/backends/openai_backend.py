@@ -31,6 +31,7 @@ _DIRECT = {
     "frequency_penalty": "frequency_penalty",
     "presence_penalty": "presence_penalty",
     "seed": "seed",
+    "n": "n",
 }
 _EXTRA = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "regex",
           "json_schema", "ebnf", "min_new_tokens")  # fmt: skip
@@ -86,6 +87,10 @@ class OpenAI(Backend):
         resp = self.client.completions.create(
             model=self.model, prompt=text, **self._request(params)
         )
+        if len(resp.choices) > 1:  # n > 1
+            return [c.text for c in resp.choices], [
+                _meta(resp.id, c.finish_reason, resp.usage) for c in resp.choices
+            ]
         choice = resp.choices[0]
         return choice.text, _meta(resp.id, choice.finish_reason, resp.usage)
 
