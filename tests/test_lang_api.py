@@ -4,6 +4,8 @@ and the greedy choice rule's tie tolerance."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import smallm as sl
@@ -63,3 +65,19 @@ def test_greedy_token_selection_ignores_float_noise():
     d = sl.greedy_token_selection(choices=["a", "b"], normalized_prompt_logprobs=[0, 0],
                                   input_token_logprobs=lps, output_token_logprobs=[[], []])  # fmt: skip
     assert d.decision == "b"
+
+
+def test_a_backend_timeout_is_the_programs_error_not_a_hang(default_server):
+    slow = sl.RuntimeEndpoint(default_server.url, timeout=0.5)
+
+    @sl.function
+    def long(s):
+        s += "Count to a thousand:" + sl.gen("x", max_tokens=500, ignore_eos=True)
+        s += sl.gen("y", max_tokens=2)
+
+    t0 = time.monotonic()
+    state = long.run(backend=slow, temperature=0)
+    assert time.monotonic() - t0 < 30
+    assert "timed out" in str(state.error()).lower()
+    with pytest.raises(sl.VariableError):
+        state["y"]

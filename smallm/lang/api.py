@@ -220,7 +220,8 @@ class SglFunction:
     ) -> ProgramState:
         """Run the program; sampling keywords (``temperature``, ``max_new_tokens``, ``stop``,
         ...) are defaults for its gens, the rest are the program's own arguments. Returns at
-        once with ``stream=True`` (the program runs in a thread; read it with ``text_iter``).
+        once with ``stream=True`` (the program runs in a thread; read it with ``text_iter``), else
+        when the program has finished.
 
         Errors in the program or the backend do not raise here: ``state.error()`` returns
         them, and reading a variable that was never set raises."""
@@ -241,6 +242,7 @@ class SglFunction:
             ).start()
         else:
             self._run_body(state, args, call_kwargs)
+            state.sync()  # returns when the program's last gen is done, not just queued
         return state
 
     def _run_body(self, state: ProgramState, args: tuple, kwargs: dict[str, Any]) -> None:
