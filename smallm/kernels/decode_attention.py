@@ -18,10 +18,7 @@ import triton
 import triton.language as tl
 
 from smallm.kernels._common import dot_precision, dot_upcast, next_power_of_2
-from smallm.kernels._tl_helpers import dot, tanh
-
-# Sliding window "off": larger than any context, so the window test always passes.
-NO_WINDOW = 1 << 30
+from smallm.kernels._paged_attention import NO_WINDOW, attend_paged_kv
 
 
 @triton.jit
@@ -87,33 +84,28 @@ def _decode_stage1(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
-    for n0 in range(lo, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        slots = tl.load(Req_to_token + row * stride_table + offs_n, mask=n_mask, other=0).to(
-            tl.int64
-        )
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K_buf + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        if USE_CAP:
-            s = logit_cap * tanh(s / logit_cap)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_buf + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+    m_i, l_i, acc = attend_paged_kv(
+        q,
+        m_i,
+        l_i,
+        acc,
+        Slots=Req_to_token + row * stride_table,
+        K=K_buf + kv_head * stride_kh,
+        V=V_buf + kv_head * stride_vh,
+        stride_kt=stride_kt,
+        stride_vt=stride_vt,
+        lo=lo,
+        hi=end,
+        window_lo=None,
+        scale=scale,
+        logit_cap=logit_cap,
+        offs_d=offs_d,
+        d_mask=d_mask,
+        BLOCK_N=BLOCK_N,
+        USE_CAP=USE_CAP,
+        PRECISION=PRECISION,
+        UPCAST=UPCAST,
+    )
 
     # An empty split (past the sequence end, or outside the window) reports lse = -inf, which
     # gives it weight 0 in stage 2.

@@ -19,21 +19,12 @@ import triton
 import triton.language as tl
 
 from smallm.kernels._common import dot_precision, dot_upcast, next_power_of_2
-from smallm.kernels._tl_helpers import dot, tanh
-
-NO_WINDOW = 1 << 30
-
-
-@triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows with every key masked so far keep m = -inf; subtracting 0 instead avoids inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-    return m_new, l_i, acc
+from smallm.kernels._paged_attention import (
+    NO_WINDOW,
+    attend_paged_kv,
+    attention_scores,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -104,30 +95,28 @@ def _extend_kernel(
     lo = tl.maximum(prefix_len + m_block * BLOCK_M - window + 1, 0)
 
     # Cached prefix, read through the request->token table.
-    prefix_lo = tl.minimum(lo, prefix_len)
-    for n0 in range(prefix_lo, prefix_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < prefix_len
-        slots = tl.load(Req_to_token + row * stride_table + offs_n, mask=n_mask, other=0).to(
-            tl.int64
-        )
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K_buf + slots[:, None] * stride_bkt + kv_head * stride_bkh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        if USE_CAP:
-            s = logit_cap * tanh(s / logit_cap)
-        keep = n_mask[None, :] & (q_pos[:, None] - offs_n[None, :] < window)
-        s = tl.where(keep, s, float("-inf"))
-        v = tl.load(
-            V_buf + slots[:, None] * stride_bvt + kv_head * stride_bvh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+    m_i, l_i, acc = attend_paged_kv(
+        q,
+        m_i,
+        l_i,
+        acc,
+        Slots=Req_to_token + row * stride_table,
+        K=K_buf + kv_head * stride_bkh,
+        V=V_buf + kv_head * stride_bvh,
+        stride_kt=stride_bkt,
+        stride_vt=stride_bvt,
+        lo=tl.minimum(lo, prefix_len),
+        hi=prefix_len,
+        window_lo=(q_pos - window + 1)[:, None],
+        scale=scale,
+        logit_cap=logit_cap,
+        offs_d=offs_d,
+        d_mask=d_mask,
+        BLOCK_N=BLOCK_N,
+        USE_CAP=USE_CAP,
+        PRECISION=PRECISION,
+        UPCAST=UPCAST,
+    )
 
     # The new tokens, causally: only blocks up to this query block's last row matter.
     ext_lo = tl.maximum(lo - prefix_len, 0)
@@ -144,9 +133,7 @@ def _extend_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        if USE_CAP:
-            s = logit_cap * tanh(s / logit_cap)
+        s = attention_scores(q, k, scale, logit_cap, USE_CAP, PRECISION, UPCAST)
         keep = (
             n_mask[None, :]
             & (offs_n[None, :] <= offs_m[:, None])
@@ -161,7 +148,7 @@ def _extend_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
 
     # Every real query sees at least itself, so l > 0 on the rows that are stored.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

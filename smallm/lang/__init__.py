@@ -26,7 +26,14 @@ from smallm.lang.api import (
     user_end,
     video,
 )
-from smallm.lang.backends import Backend, EngineBackend, OpenAI, Runtime, RuntimeEndpoint
+from smallm.lang.backends import (
+    Backend,
+    BackendError,
+    EngineBackend,
+    OpenAI,
+    Runtime,
+    RuntimeEndpoint,
+)
 from smallm.lang.chat_template import ChatTemplate
 from smallm.lang.choices import (
     ChoicesDecision,
@@ -39,6 +46,7 @@ from smallm.lang.interpreter import ProgramState, ProgramStateGroup, VariableErr
 
 __all__ = [
     "Backend",
+    "BackendError",
     "ChatTemplate",
     "ChoicesDecision",
     "ChoicesSamplingMethod",

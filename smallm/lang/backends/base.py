@@ -13,6 +13,19 @@ from smallm.lang.coordinator import NULL_COORDINATOR, Coordinator
 from smallm.lang.sampling import split_request
 
 
+class BackendError(RuntimeError):
+    """The backend refused or failed a request (an HTTP error, or a request the runtime
+    aborted, e.g. for an invalid grammar)."""
+
+
+def _check_abort(meta: dict) -> None:
+    # The Engine reports a request it refused as an aborted result; the server sends a 400.
+    # Either way the program must fail there, not go on with an empty completion.
+    finish = meta.get("finish_reason") or {}
+    if finish.get("type") == "abort":
+        raise BackendError(finish.get("message") or "the request was aborted")
+
+
 class Backend(ABC):
     """Runs generations for programs. Subclasses provide one native call (``_call``) and its
     streaming form; generation, selection and chat template handling are built on those."""
@@ -63,6 +76,8 @@ class Backend(ABC):
         ``n`` > 1, (list of n completions, list of their meta_info)."""
         sampling, request = split_request(params)
         out = self._call({"text": text, "sampling_params": sampling, **request})
+        for o in out if isinstance(out, list) else [out]:
+            _check_abort(o["meta_info"])
         if isinstance(out, list):
             return [o["text"] for o in out], [o["meta_info"] for o in out]
         return out["text"], out["meta_info"]
@@ -72,14 +87,17 @@ class Backend(ABC):
         sampling, request = split_request(params)
         sent = 0
         for chunk in self._call_stream({"text": text, "sampling_params": sampling, **request}):
+            _check_abort(chunk["meta_info"])
             piece = chunk["text"][sent:]
             sent = len(chunk["text"])
             if piece or chunk["meta_info"].get("finish_reason") is not None:
                 yield piece, chunk["meta_info"]
 
-    def generate_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict]]:
+    def generate_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Several completions as one native request: a list of prompts with one
-        ``sampling_params`` (and logprob options) per prompt. Items must have ``n`` 1."""
+        ``sampling_params`` (and logprob options) per prompt. Items must have ``n`` 1. One
+        entry per item: (completion, meta_info), or the :class:`BackendError` of an item the
+        runtime aborted (the others still count)."""
         if len(items) == 1:
             return [self.generate(*items[0])]
         texts, sampling_list, want, starts, tops = [], [], [], [], []
@@ -103,7 +121,14 @@ class Backend(ABC):
             }
         )
         assert isinstance(outs, list) and len(outs) == len(items)
-        return [(o["text"], o["meta_info"]) for o in outs]
+        results: list[Any] = []
+        for o in outs:
+            try:
+                _check_abort(o["meta_info"])
+                results.append((o["text"], o["meta_info"]))
+            except BackendError as e:
+                results.append(e)
+        return results
 
     def select(
         self,

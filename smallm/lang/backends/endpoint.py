@@ -11,13 +11,9 @@ from typing import Any
 import requests
 
 from smallm.lang import chat_template as ct
-from smallm.lang.backends.base import Backend
+from smallm.lang.backends.base import Backend, BackendError
 
 logger = logging.getLogger(__name__)
-
-
-class BackendError(RuntimeError):
-    """The server refused or failed a request."""
 
 
 class RuntimeEndpoint(Backend):

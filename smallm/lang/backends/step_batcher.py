@@ -237,7 +237,10 @@ class StepBatcher(Backend, Coordinator):
                 self._run_group(method, [c])
             return
         for c, r in zip(group, results):
-            c.finish(result=r)
+            if isinstance(r, BaseException):
+                c.finish(error=r)
+            else:
+                c.finish(result=r)
         for c in group:
             if not c.done.is_set():  # never leave a program waiting forever
                 c.finish(
