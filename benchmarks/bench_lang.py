@@ -8,13 +8,19 @@ One smallm server (default model) serves three drivers in turn, on the same prog
 * ``sglang``: the ``sglang==0.5.2`` frontend (``sgl.RuntimeEndpoint`` + its ``run_batch``,
   which also prefills the traced prefix once) driving the same server.
 
-Workloads: ``few_shot`` (N few-shot QA programs sharing a few-shot prefix, two gens each) and
-``tot`` (a tree of thought: fork 3 plans, fork 2 answers under each, then a final answer).
+Workloads: ``few_shot`` (N few-shot QA programs sharing a few-shot prefix, two gens each),
+``tot`` (a tree of thought: fork 3 plans, fork 2 answers under each, then a final answer) and
+``classify`` (N programs with two 3-way selects each: little compute per request).
+
+``--tiny`` serves a tiny random model with the default tokenizer instead (gibberish text, almost
+no compute per token): it stands in for a server whose model steps are cheap next to the cost of
+a request, as on a GPU, where per-request overhead decides.
 Greedy decoding, the prefix cache flushed before each run. HTTP requests are counted on the
 client (smallm's endpoint counter; sglang's ``http_request`` wrapped), and so is the client's
 CPU time (it shares the machine's cores with the server).
 
-    python benchmarks/bench_lang.py [--few-shot 200] [--tot 24] [--drivers compiled,interpreted,sglang]
+    python benchmarks/bench_lang.py [--few-shot 200] [--tot 24] [--classify 200] [--tiny]
+        [--drivers compiled,interpreted,sglang]
 
 Run on an otherwise idle machine.
 """
@@ -24,7 +30,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
@@ -79,7 +87,13 @@ def define_programs(lang):
         plans.join()
         s += "Final answer:" + lang.gen("final", max_tokens=12, stop="\n")
 
-    return {"few_shot": few_shot_qa, "tot": tree_of_thought}
+    @lang.function
+    def classify(s, question):
+        s += FEW_SHOT + "Q: " + question + "\n"
+        s += "Topic:" + lang.select("topic", [" geography", " arithmetic", " animals"])
+        s += "\nAnswer length:" + lang.select("length", [" one word", " a number", " a sentence"])
+
+    return {"few_shot": few_shot_qa, "tot": tree_of_thought, "classify": classify}
 
 
 def run_smallm(url: str, workload: str, args: list[dict], compiled: bool) -> dict:
@@ -126,6 +140,8 @@ def main() -> None:
     p.add_argument("--model-path", default=None, help="default: the default model")
     p.add_argument("--few-shot", type=int, default=200, help="few-shot QA programs")
     p.add_argument("--tot", type=int, default=24, help="tree-of-thought programs")
+    p.add_argument("--classify", type=int, default=200, help="select-only programs")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (cheap steps)")
     p.add_argument("--drivers", default="compiled,interpreted,sglang")
     p.add_argument("--max-total-tokens", type=int, default=65536)
     p.add_argument("--url", default=None, help="use a running server instead of starting one")
@@ -134,11 +150,19 @@ def main() -> None:
     workloads = {
         "few_shot": [{"question": q} for q in questions(a.few_shot)],
         "tot": [{"question": q} for q in questions(a.tot)],
+        "classify": [{"question": q} for q in questions(a.classify)],
     }
     runtime = None
     url = a.url
+    model_path = a.model_path
+    if a.tiny:
+        from smallm.runtime.model.default_model import default_model_path
+        from smallm.runtime.model.random_model import make_tiny_chat_model
+
+        tiny_dir = Path(tempfile.mkdtemp()) / "tiny"
+        model_path = str(make_tiny_chat_model(tiny_dir, default_model_path()))
     if url is None:
-        runtime = sl.Runtime(model_path=a.model_path, max_total_tokens=a.max_total_tokens)
+        runtime = sl.Runtime(model_path=model_path, max_total_tokens=a.max_total_tokens)
         url = runtime.base_url
     try:
         # One untimed program so every driver meets a warm server.
@@ -159,8 +183,9 @@ def main() -> None:
         if runtime is not None:
             runtime.shutdown()
 
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"few_shot={a.few_shot} programs, tot={a.tot} programs\n")  # fmt: skip
+    model = "tiny random model" if a.tiny else (a.model_path or "default model")
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {model}; "
+          f"few_shot={a.few_shot}, tot={a.tot}, classify={a.classify} programs\n")  # fmt: skip
     print("| workload | driver | programs/s | seconds | client CPU s | HTTP requests | "
           "vs interpreted | same text as interpreted |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -17,32 +17,10 @@ prefer_passive_openmp()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
+from smallm.runtime.model.random_model import (  # noqa: E402
+    make_tiny_chat_model,
+    make_tiny_model,
 )
-
-
-def make_tiny_model(out: Path, kind: str, vocab_size: int = 512, seed: int = 0, **extra) -> Path:
-    """Save a random HF model of family ``kind`` (llama | qwen2 | qwen3) into ``out``."""
-    import transformers as tf
-
-    classes = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-    }
-    config_cls, model_cls = classes[kind]
-    torch.manual_seed(seed)
-    cfg = config_cls(**{**TINY, "vocab_size": vocab_size, **extra})
-    model = model_cls(cfg).eval()
-    model.save_pretrained(out)
-    return out
-
 
 TINY_VARIANTS = {
     "llama": ("llama", {}),
@@ -99,16 +77,7 @@ def default_tokenizer(default_model_dir):
 def tiny_chat_model_dir(tmp_path_factory, default_model_dir) -> Path:
     """A tiny random Llama with the default model's tokenizer (vocabulary 49,152), for fast
     runtime tests that need text in and text out."""
-    import shutil
-
-    out = make_tiny_model(tmp_path_factory.mktemp("tinychat") / "m", "llama", vocab_size=49152)
-    for f in Path(default_model_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name in (
-            "chat_template.jinja",
-            "special_tokens_map.json",
-        ):
-            shutil.copy(f, out / f.name)
-    return out
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tinychat") / "m", default_model_dir)
 
 
 # A few thousand KV slots keep the servers' memory small; the tests never need more.

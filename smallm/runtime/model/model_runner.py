@@ -139,22 +139,53 @@ class ModelRunner:
             rows = hidden[last] if len(last) != hidden.shape[0] else hidden
             next_logits = matmul_weight_t(rows, weight, self._openblas).float()
         input_lp: list[InputLogprobs | None] = [None] * batch.batch_size
-        for i, e in enumerate(batch.entries):
-            if e.logprob_start is None or not e.logprob_targets:
-                continue
-            start = batch.extend_starts[i] + e.logprob_start
-            h = hidden[start : start + len(e.logprob_targets)]
-            logprobs = torch.log_softmax(matmul_weight_t(h, weight, self._openblas).float(), -1)
-            targets = torch.tensor(e.logprob_targets).unsqueeze(1)
-            chosen = logprobs.gather(1, targets).squeeze(1).tolist()
-            top = None
-            if e.top_logprobs_num > 0:
-                vals, ids = logprobs.topk(e.top_logprobs_num, dim=-1)
-                top = [
-                    list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), vals.tolist())
-                ]
-            input_lp[i] = InputLogprobs(chosen, top)
+        spans = [
+            (i, batch.extend_starts[i] + e.logprob_start, len(e.logprob_targets))
+            for i, e in enumerate(batch.entries)
+            if e.logprob_start is not None and e.logprob_targets
+        ]
+        if spans:
+            self._input_logprobs(hidden, batch, spans, input_lp)
         return LogitsOutput(next_logits, next_rows, input_lp)
+
+    # Rows of prompt logprobs projected at once: one pass over the LM head's weight serves a
+    # whole chunk (per request, a select's 600 short prompts re-read it 600 times), while the
+    # chunk's logits (rows x vocab floats) stay a few tens of MB.
+    _LOGPROB_ROWS = 256
+
+    def _input_logprobs(
+        self,
+        hidden: torch.Tensor,
+        batch: ForwardBatch,
+        spans: list[tuple[int, int, int]],
+        out: list[InputLogprobs | None],
+    ) -> None:
+        weight = self.model.lm_head_weight
+        rows = torch.cat([torch.arange(start, start + n) for _, start, n in spans])
+        targets = torch.tensor([t for i, _, _ in spans for t in batch.entries[i].logprob_targets])
+        chosen: list[float] = []
+        tops: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        want_top = max(batch.entries[i].top_logprobs_num for i, _, _ in spans)
+        for lo in range(0, len(rows), self._LOGPROB_ROWS):
+            part = slice(lo, lo + self._LOGPROB_ROWS)
+            logits = matmul_weight_t(hidden[rows[part]], weight, self._openblas).float()
+            norm = torch.logsumexp(logits, -1, keepdim=True)
+            chosen += (logits.gather(1, targets[part].unsqueeze(1)) - norm).squeeze(1).tolist()
+            if want_top:
+                vals, ids = logits.topk(want_top, dim=-1)
+                tops.append((vals - norm, ids))
+        top_vals = torch.cat([v for v, _ in tops]) if tops else None
+        top_ids = torch.cat([i for _, i in tops]) if tops else None
+        offset = 0
+        for i, _, n in spans:
+            k = batch.entries[i].top_logprobs_num
+            top = None
+            if k > 0 and top_vals is not None and top_ids is not None:
+                ids = top_ids[offset : offset + n, :k].tolist()
+                vals = top_vals[offset : offset + n, :k].tolist()
+                top = [list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids, vals)]
+            out[i] = InputLogprobs(chosen[offset : offset + n], top)
+            offset += n
 
 
 def _matmul_backend(name: str, dtype: torch.dtype) -> str:
