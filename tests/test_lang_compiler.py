@@ -96,8 +96,9 @@ def test_compiled_run_batch_equals_interpreted_with_one_request_per_round(defaul
         assert a.messages() == b.messages()
     # Per program: word, select (2 requests), fork warm-up, two branch gens = 6 requests.
     assert interpreted_requests == 6 * len(TOPICS)
-    # Compiled: one warm-up of the constant prefix, then the same steps once for the batch.
-    assert compiled_requests == 1 + 5
+    # Compiled: one warm-up of the constant prefix, then each step once for the whole batch
+    # (word, select x2, the branches' gens; no separate fork warm-up: the branches go together).
+    assert compiled_requests == 1 + 4
 
 
 def test_compiled_run_of_one_program_batches_its_forks(default_server):
@@ -107,7 +108,7 @@ def test_compiled_run_of_one_program_batches_its_forks(default_server):
     state = quiz.compile().run(topic="rain", backend=endpoint, temperature=0)
     assert state.error() is None and state.text() == plain.text()
     assert state["number"] == plain["number"]
-    assert endpoint.requests_sent == 5  # word, select x2, fork warm-up, both branches at once
+    assert endpoint.requests_sent == 4  # word, select x2, both branches at once
 
 
 def test_a_failing_program_does_not_fail_its_batch(default_server):

@@ -131,7 +131,7 @@ class StreamExecutor:
     def fork(self, size: int) -> list[StreamExecutor]:
         """``size`` executors starting from this one's current text, messages and variables."""
         self.sync()
-        if size > 1 and self.text_ and self.error_ is None:
+        if size > 1 and self.text_ and self.error_ is None and self.backend.warms_fork_prefix:
             # Prefill the shared prefix once so the branches hit the prefix cache instead of
             # all prefilling it at the same moment (SGLang's commit-lazy step).
             with contextlib.suppress(Exception):

@@ -34,6 +34,10 @@ class Backend(ABC):
     #: (what compiled ``run_batch`` relies on).
     batches_requests = True
 
+    #: Whether ``fork`` first prefills the shared prefix on its own (needed when the branches'
+    #: requests arrive separately; a step-aligned batch sends them together anyway).
+    warms_fork_prefix = True
+
     #: A chat-only backend generates whole assistant turns from the chat's messages
     #: (:meth:`generate_chat`) instead of continuing the rendered text.
     chat_only = False

@@ -57,6 +57,11 @@ class BatchStats:
 class StepBatcher(Backend, Coordinator):
     """Wraps ``inner``; share one instance between the programs of a batch."""
 
+    # The branches' first calls go out together in one round; the scheduler prefills their
+    # shared prefix once (it defers requests whose prefix is being prefilled). A warm-up round
+    # would only add a barrier.
+    warms_fork_prefix = False
+
     def __init__(self, inner: Backend, max_wait: float = 0.05):
         self.inner = inner
         self.max_wait = max_wait
