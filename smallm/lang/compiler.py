@@ -171,6 +171,7 @@ def run_step_aligned(
         # One actor per thread for all the programs it runs: between two programs it counts
         # as running, so no round leaves without the next program's first call.
         batcher.bind(actor)
+        gate.wait()
         try:
             while True:
                 with take:
@@ -194,8 +195,12 @@ def run_step_aligned(
         threading.Thread(target=worker, args=(a,), name="smallm-program-body", daemon=True)
         for a in actors
     ]
+    # Start every thread before any runs a program: a thread start waits for the new thread to
+    # get the GIL, which takes long when hundreds of started programs compete for it.
+    gate = threading.Event()
     for t in threads:
         t.start()
+    gate.set()
     for t in threads:
         t.join()
     for s in states:
