@@ -171,8 +171,10 @@ def test_per_prompt_logprob_options_in_a_list_request(tiny_server):
         assert next(iter(bad)) in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_run_batch_progress_bar_counts_every_program(tiny_chat_model_dir, capsys, compiled):
+@pytest.mark.parametrize(("compiled", "num_threads"), [(False, "auto"), (True, "auto"), (True, 5)])
+def test_run_batch_progress_bar_counts_every_program(
+    tiny_chat_model_dir, capsys, compiled, num_threads
+):
     backend = sl.EngineBackend(str(tiny_chat_model_dir), max_total_tokens=4096)
     try:
 
@@ -181,7 +183,8 @@ def test_run_batch_progress_bar_counts_every_program(tiny_chat_model_dir, capsys
             s += f"Item {i}:" + sl.gen("out", max_tokens=2)
 
         states = short.run_batch([{"i": i} for i in range(24)], backend=backend,
-                                 progress_bar=True, temperature=0, compiled=compiled)  # fmt: skip
+                                 progress_bar=True, temperature=0, compiled=compiled,
+                                 num_threads=num_threads)  # fmt: skip
         assert [st.text() for st in states] == [f"Item {i}:" + st["out"] for i, st in
                                                 enumerate(states)]  # fmt: skip
         assert "24/24" in capsys.readouterr().err

@@ -15,7 +15,7 @@ accept; other servers may reject them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from smallm.lang import chat_template as ct
@@ -121,15 +121,7 @@ class OpenAI(Backend):
             stream_options={"include_usage": True},
             **body,
         )
-        finish, usage, rid = None, None, ""
-        for chunk in stream:
-            rid = chunk.id
-            usage = chunk.usage or usage
-            for c in chunk.choices:
-                finish = c.finish_reason or finish
-                if c.delta.content:
-                    yield c.delta.content, _meta(rid, None, None)
-        yield "", _meta(rid, finish, usage)
+        return _pieces(stream, lambda c: c.delta.content)
 
     def generate_stream(self, text: str, params: dict[str, Any]) -> Iterator[tuple[str, dict]]:
         stream = self.client.completions.create(
@@ -139,15 +131,7 @@ class OpenAI(Backend):
             stream_options={"include_usage": True},
             **self._request(params),
         )
-        finish, usage, rid = None, None, ""
-        for chunk in stream:
-            rid = chunk.id
-            usage = chunk.usage or usage
-            for c in chunk.choices:
-                finish = c.finish_reason or finish
-                if c.text:
-                    yield c.text, _meta(rid, None, None)
-        yield "", _meta(rid, finish, usage)
+        return _pieces(stream, lambda c: c.text)
 
     def select(
         self, text: str, choices: list[str], temperature: float, method: ChoicesSamplingMethod
@@ -204,6 +188,20 @@ class OpenAI(Backend):
 
     def flush_cache(self) -> bool:
         return False  # not part of the OpenAI API
+
+
+def _pieces(stream: Any, text_of: Callable[[Any], str | None]) -> Iterator[tuple[str, dict]]:
+    """(new text, meta_info) from an OpenAI stream; the last one carries the finish reason and
+    usage (sent with ``include_usage``)."""
+    finish, usage, rid = None, None, ""
+    for chunk in stream:
+        rid = chunk.id
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            if text_of(c):
+                yield text_of(c), _meta(rid, None, None)
+    yield "", _meta(rid, finish, usage)
 
 
 def _meta(rid: str, finish: str | None, usage: Any) -> dict[str, Any]:
