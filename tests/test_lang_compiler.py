@@ -138,13 +138,17 @@ def test_a_thread_blocked_outside_the_language_does_not_hang_a_round(default_ser
     def waits(s, i):
         s += f"Count: {i}," + sl.gen("a", max_tokens=2)
         if i == 0:
-            gate.wait(0.3)  # invisible to the coordinator: the round goes after max_wait
+            gate.wait(1.5)  # invisible to the coordinator: the round goes after max_wait
         s += sl.gen("b", max_tokens=2)
 
     t0 = time.monotonic()
+    endpoint.requests_sent = 0
     states = waits.run_batch([{"i": i} for i in range(4)], backend=endpoint, temperature=0,
                              compiled=True)  # fmt: skip
     assert time.monotonic() - t0 < 60
+    # a (all four), b of the three others (sent after max_wait), then program 0's b alone.
+    # (No warm-up: the f-string stops the trace before any constant text.)
+    assert endpoint.requests_sent == 3
     for i, st in enumerate(states):
         assert st.error() is None
         assert st.text() == waits.run(i=i, backend=endpoint, temperature=0).text()

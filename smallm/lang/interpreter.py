@@ -160,7 +160,9 @@ class StreamExecutor:
 
     def _work_loop(self) -> None:
         while True:
-            with self.coordinator.waiting(lambda: self._queue.qsize() > 0):
+            # Not "the queue is non-empty": that turns false again the moment get() takes the
+            # item, before this thread counts itself as running, and a round would leave early.
+            with self.coordinator.waiting(lambda: self._queue.unfinished_tasks > 0):
                 expr = self._queue.get()
             if expr is None:
                 self._queue.task_done()
@@ -180,7 +182,10 @@ class StreamExecutor:
         try:
             self._execute(expr)
         except Exception as e:  # recorded for state.error(), as in SGLang
-            logger.warning("error in program: %s", "".join(traceback.format_exception(e)))
+            # One line: the error is the program's result (state.error()); the traceback is
+            # there for debugging.
+            logger.warning("error in program: %r", e)
+            logger.debug("traceback:\n%s", "".join(traceback.format_exception(e)))
             self.record_error(e)
 
     def _release_waiters(self) -> None:

@@ -37,6 +37,10 @@ class RuntimeEndpoint(Backend):
         self.timeout = timeout
         self.requests_sent = 0  # HTTP requests made, for measuring what a program costs
         self._session = requests.Session()
+        # One connection per concurrent program (run_batch runs up to 96 by default), kept.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=256)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         if verify is not None:
             self._session.verify = verify
         if api_key:

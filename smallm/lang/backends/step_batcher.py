@@ -9,7 +9,8 @@ still work: a thread reading a variable just waits for the round that sets it.
 
 A thread blocked in a way the coordinator cannot see (user code sleeping, an unregistered
 thread) would hold a round back; after ``max_wait`` seconds with no change anywhere the round
-goes anyway, so nothing hangs.
+goes anyway, so nothing hangs. Shorter would split rounds on a loaded machine, where a thread
+with work can wait that long for a core.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class StepBatcher(Backend, Coordinator):
     # would only add a barrier.
     warms_fork_prefix = False
 
-    def __init__(self, inner: Backend, max_wait: float = 0.05):
+    def __init__(self, inner: Backend, max_wait: float = 0.5):
         self.inner = inner
         self.max_wait = max_wait
         self.coordinator = self
@@ -125,14 +126,19 @@ class StepBatcher(Backend, Coordinator):
         return call.result
 
     def _watch(self) -> None:
-        """Send a stalled round: calls wait and nothing has changed for ``max_wait``."""
+        """Send a stalled round: calls wait, nothing has changed for ``max_wait``, and no
+        waiting thread is about to wake (one that is, is only slow to be scheduled)."""
         while True:
-            time.sleep(self.max_wait / 2)
+            time.sleep(min(self.max_wait / 2, 0.05))
             with self._cv:
                 if not self._pending and not self._actors:
                     self._watchdog = None
                     return
-                if self._pending and time.monotonic() - self._last_change >= self.max_wait:
+                if (
+                    self._pending
+                    and time.monotonic() - self._last_change >= self.max_wait
+                    and not any(a.ready is not None and a.ready() for a in self._actors)
+                ):
                     self._flush_locked()
 
     # ---- Coordinator: who could still add a call ---------------------------------------
