@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (16)")
     p.add_argument("--num-threads", type=int, default=16, help="programs run at once (16)")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="step-aligned: one batched request per round across the questions",
+    )
     args = p.parse_args(argv)
 
     questions = QUESTIONS
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             [{"question": q, "max_answer_tokens": args.max_tokens} for q in questions],
             num_threads=args.num_threads,
             progress_bar=True,
+            compiled=args.compiled,
             temperature=0,
         )
     finally:

@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="-", help="JSONL results (default: - for stdout)")
     p.add_argument("--limit", type=int, default=None, help="only the first N documents")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per JSON object (128)")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="step-aligned: all documents' gens go to the backend as one batched request",
+    )
     args = p.parse_args(argv)
 
     lines = Path(args.input).read_text(encoding="utf-8").splitlines()
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         states = extract_person.run_batch(
             [{"text": doc["text"], "json_tokens": args.max_tokens} for doc in docs],
             progress_bar=True,
+            compiled=args.compiled,
             temperature=0,
         )
         records = [

@@ -87,6 +87,10 @@ def test_few_shot_qa_answers_one_line_each(url, capsys, tmp_path):
     lines = out.splitlines()
     assert lines[-1] == "2/2 answered" and len(lines) == 5
     assert "Berlin" in lines[1]
+    compiled, _ = run_main(
+        "lang_few_shot_qa", ["--url", url, "--questions", str(questions), "--compiled"], capsys
+    )
+    assert compiled == out  # the same greedy answers, one request per round
 
 
 def test_multi_turn_chat_streams_the_same_answers(url, capsys):
