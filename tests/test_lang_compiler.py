@@ -194,3 +194,15 @@ def test_run_batch_progress_bar_counts_every_program(
         assert "24/24" in capsys.readouterr().err
     finally:
         backend.shutdown()
+
+
+def test_a_dead_server_fails_every_program_of_a_compiled_batch_quickly(default_server):
+    endpoint = sl.RuntimeEndpoint(default_server.url)
+    endpoint.base_url = f"http://127.0.0.1:{sl.lang.backends.runtime.free_port()}"
+    t0 = time.monotonic()
+    states = quiz.run_batch([{"topic": t} for t in TOPICS], backend=endpoint, compiled=True)
+    assert time.monotonic() - t0 < 30
+    for st in states:
+        assert "refused" in str(st.error()).lower() or "connect" in str(st.error()).lower()
+        with pytest.raises(sl.VariableError):
+            st["word"]
