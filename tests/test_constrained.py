@@ -684,6 +684,19 @@ def test_grammar_compiler_cache_and_copies(backends):
         compiler.shutdown()
 
 
+def test_a_slow_backend_does_not_hold_up_another(backends):
+    slow = _SlowBackend(backends["llguidance"], 1.0)
+    compiler = GrammarCompiler({"slow": slow, "llguidance": backends["llguidance"]})
+    try:
+        stuck = compiler.submit("slow", "regex", "(ab)+")
+        t0 = time.perf_counter()
+        fast = compiler.submit("llguidance", "json_schema", '{"type": "integer"}')
+        assert fast.result().accept_string("12")
+        assert time.perf_counter() - t0 < 0.5 and not stuck.done()
+    finally:
+        compiler.shutdown()
+
+
 def test_grammar_compiler_timeout(backends):
     slow = _SlowBackend(backends["llguidance"], 0.5)
     compiler = GrammarCompiler({"slow": slow}, timeout_s=0.1)

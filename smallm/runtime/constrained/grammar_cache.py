@@ -8,7 +8,9 @@ Compiled grammars are cached by (backend, kind, spec); every request gets its ow
 (fresh state, shared compiled tables). Failures caused by the spec are cached too, so a client
 retrying a bad schema is rejected at once. outlines-core and llguidance release the GIL while
 compiling, so a worker thread really runs beside the scheduler (on 2 cores it still competes
-with the model's forward pass for CPU: hence one worker by default).
+with the model's forward pass for CPU: hence one worker by default). Each backend has its own
+workers: a regex that takes outlines minutes to compile (they exist) holds up only other
+outlines compilations, not llguidance's JSON schemas.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class GrammarCompiler:
         self._backends = dict(backends)
         self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
+        self.max_workers = max_workers
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._cache: OrderedDict[CacheKey, Future[Grammar]] = OrderedDict()
         self._lock = threading.Lock()
         self._backend_lock = threading.Lock()
@@ -135,11 +138,19 @@ class GrammarCompiler:
                 self.hits += 1
             else:
                 self.misses += 1
-                future = self._executor.submit(self._compile, key)
+                future = self._executor(backend).submit(self._compile, key)
                 self._cache[key] = future
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return GrammarHandle(key, future, timeout)
+
+    def _executor(self, backend: str) -> ThreadPoolExecutor:
+        # Called under self._lock.
+        executor = self._executors.get(backend)
+        if executor is None:
+            executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix=f"grammar-{backend}")
+            self._executors[backend] = executor
+        return executor
 
     def compile(self, backend: str, kind: str, spec: str) -> Grammar:
         """Blocking convenience: submit and wait (up to the timeout)."""
@@ -152,4 +163,7 @@ class GrammarCompiler:
 
     def shutdown(self, wait: bool = False) -> None:
         """Stop the worker threads (running compilations finish in the background)."""
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+        with self._lock:
+            executors = list(self._executors.values())
+        for executor in executors:
+            executor.shutdown(wait=wait, cancel_futures=True)
