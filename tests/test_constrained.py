@@ -753,3 +753,25 @@ def test_grammar_compiler_unexpected_errors_are_not_cached():
         assert broken.calls == 2
     finally:
         compiler.shutdown()
+
+
+def test_a_runaway_outlines_compile_is_killed_and_the_next_one_works(default_tokenizer):
+    from smallm.runtime.constrained.outlines_backend import OutlinesBackend
+
+    backend = OutlinesBackend(default_tokenizer, 49152, build_timeout_s=2.0)
+    first = backend._index_worker._proc
+    t0 = time.perf_counter()
+    # Takes outlines minutes (209 s measured) to compile.
+    with pytest.raises(GrammarError, match="longer than 2s; stopped"):
+        backend.compile("regex", r"(\w{1,30}\s){1,30}")
+    assert time.perf_counter() - t0 < 10
+    assert first.poll() is not None  # killed, not left running
+    t0 = time.perf_counter()
+    grammar = backend.compile("regex", r"[0-9]{3}-[0-9]{4}")  # a fresh child, already booted
+    assert time.perf_counter() - t0 < 3
+    assert grammar.accept_string("555-1234") and grammar.is_accepting()
+    with pytest.raises(GrammarError, match="regex"):
+        backend.compile("regex", "(a|")  # a spec error from the child comes back as usual
+    worker = backend._index_worker._proc
+    backend._index_worker.close()
+    assert worker.poll() is not None

@@ -211,7 +211,9 @@ class OutlinesBackend(GrammarBackend):
     ``whitespace_pattern`` is the regex allowed between JSON tokens: bounded (default one
     optional space) so a model cannot loop on whitespace; ``""`` gives compact JSON (more text
     is then forced, so jump-forward saves more). ``jump_forward`` builds the interegular map at
-    compile time (adds a few ms to tens of ms per grammar).
+    compile time (adds a few ms to tens of ms per grammar). ``build_timeout_s`` builds each
+    index in a child process killed after that long (the server sets it to its compile
+    timeout); None builds in the calling thread.
     """
 
     name = "outlines"
@@ -224,6 +226,7 @@ class OutlinesBackend(GrammarBackend):
         eos_token_ids: list[int] | None = None,
         whitespace_pattern: str = "[ ]?",
         jump_forward: bool = True,
+        build_timeout_s: float | None = None,
     ) -> None:
         from outlines_core import Vocabulary
 
@@ -249,6 +252,13 @@ class OutlinesBackend(GrammarBackend):
 
         key = ("outlines-vocabulary", vocab.vocab_size, vocab.eos_token_ids, self.sentinel_id)
         self._vocabulary = cached_per_tokenizer(tokenizer, key, build_vocabulary)
+        # With a timeout, indexes are built in a child process that is killed at the timeout
+        # (index_worker.py); without, in the calling thread.
+        self._index_worker = None
+        if build_timeout_s is not None:
+            from smallm.runtime.constrained.index_worker import IndexWorker
+
+            self._index_worker = IndexWorker(self._vocabulary, build_timeout_s)
 
     def supports(self, kind: str) -> bool:
         return kind in ("regex", "json_schema", "choices")
@@ -270,8 +280,14 @@ class OutlinesBackend(GrammarBackend):
         from outlines_core import Index
 
         regex = self.to_regex(kind, spec)
+        pattern = f"(?:{regex}){SENTINEL}"
         try:
-            index = Index(f"(?:{regex}){SENTINEL}", self._vocabulary)
+            if self._index_worker is not None:
+                index = self._index_worker.build(pattern)
+            else:
+                index = Index(pattern, self._vocabulary)
+        except GrammarError:
+            raise  # the index worker's timeout: already says what happened
         except ValueError as e:
             if "incompatible with the regex" in str(e):
                 raise GrammarError(

@@ -46,7 +46,10 @@ class GrammarQueue:
             )
 
             def factory(name: str):
-                return lambda: create_grammar_backend(name, tokenizer, vocab_size, **options)
+                extra = {"build_timeout_s": compile_timeout_s} if name == "outlines" else {}
+                return lambda: create_grammar_backend(
+                    name, tokenizer, vocab_size, **options, **extra
+                )
 
             self.compiler = GrammarCompiler(
                 {name: factory(name) for name in ("outlines", "llguidance")},
