@@ -242,3 +242,28 @@ def _wait_idle(server, timeout: float = 30) -> float:
             return metric(server, "sglang:num_used_tokens")
         time.sleep(0.1)
     raise AssertionError("the server did not become idle")
+
+
+def test_tokenizing_a_big_batch_does_not_stall_other_requests(tiny_server):
+    import threading
+
+    # ~0.8 MB of text: about half a second of tokenizing, then a 400 (longer than the context).
+    body = {"text": [f"word{i} " * 13000 for i in range(10)], "sampling_params": {}}
+    answer = {}
+
+    def big() -> None:
+        t0 = time.perf_counter()
+        answer["status"] = post(tiny_server, body).status_code
+        answer["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        t0 = time.perf_counter()
+        assert requests.get(tiny_server.url + "/health", timeout=10).status_code == 200
+        slowest = max(slowest, time.perf_counter() - t0)
+    thread.join()
+    assert answer["status"] == 400
+    # Tokenizing runs beside the event loop: /health answered quickly all along.
+    assert slowest < max(0.25, answer["seconds"] / 2), (slowest, answer)

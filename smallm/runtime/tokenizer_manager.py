@@ -9,10 +9,12 @@ with `ServiceUnavailable` instead of waiting forever.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +118,11 @@ class TokenizerManager:
         self._recv: Any = None
         self._task: asyncio.Task | None = None
         self.num_finished = 0
+        # Tokenizing a big batch takes long enough to stall every other request on the event
+        # loop: it runs in one worker thread, on its own copy of the tokenizer (a fast
+        # tokenizer shared between threads can fail with "Already borrowed").
+        self._encode_tokenizer = copy.deepcopy(tokenizer)
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         import zmq
@@ -129,6 +136,7 @@ class TokenizerManager:
         self._task = asyncio.create_task(self._recv_loop(), name="tokenizer-manager-recv")
 
     async def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self._task is not None:
             self._task.cancel()
         if self._ctx is not None:
@@ -139,11 +147,18 @@ class TokenizerManager:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def prepare(self, call: GenerateCall) -> list[GenerateRequest]:
-        """Tokenize and validate (raises RequestError / SamplingParamsError: HTTP 400). Request
-        ids already in use are refused by `submit`, where they are registered."""
-        return build_requests(
-            call, self.tokenizer, self.info.vocab_size, context_length=self.info.context_length
+    async def prepare(self, call: GenerateCall) -> list[GenerateRequest]:
+        """Tokenize and validate, off the event loop (raises RequestError /
+        SamplingParamsError: HTTP 400). Request ids already in use are refused by `submit`,
+        where they are registered."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool,
+            lambda: build_requests(
+                call,
+                self._encode_tokenizer,
+                self.info.vocab_size,
+                context_length=self.info.context_length,
+            ),
         )
 
     async def submit(self, msgs: list[GenerateRequest], text_in_logprobs: bool) -> _Group:
@@ -175,7 +190,7 @@ class TokenizerManager:
 
     async def generate(self, call: GenerateCall) -> list[dict]:
         """Run a call to completion: one native response dict per sample, in order."""
-        group = await self.submit(self.prepare(call), call.return_text_in_logprobs)
+        group = await self.submit(await self.prepare(call), call.return_text_in_logprobs)
         try:
             await self.wait(group)
         finally:

@@ -23,7 +23,7 @@ HEALTH_GENERATE_TIMEOUT_S = 20.0
 async def generate(request: web.Request) -> web.StreamResponse:
     ctx = request.app[SERVER]
     call = GenerateCall.from_json(await read_json(request))
-    group = await ctx.tm.submit(ctx.tm.prepare(call), call.return_text_in_logprobs)
+    group = await ctx.tm.submit(await ctx.tm.prepare(call), call.return_text_in_logprobs)
     try:
         if not call.stream:
             await ctx.tm.wait(group)

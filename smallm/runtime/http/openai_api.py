@@ -51,7 +51,7 @@ async def _run(
     if call.rid is None and call.is_single:
         call.rid = uuid.uuid4().hex  # the response id names the native request (abortable)
     try:
-        msgs = ctx.tm.prepare(call)
+        msgs = await ctx.tm.prepare(call)
     except (RequestError, SamplingParamsError) as e:
         raise proto.rename_error(e, oc.names) from None
     group = await ctx.tm.submit(msgs, call.return_text_in_logprobs)
