@@ -303,9 +303,7 @@ class SglFunction:
         num_threads = max(1, min(int(num_threads), len(batch_kwargs)))
 
         def one(kwargs: dict[str, Any]) -> ProgramState:
-            state = self.run(backend=backend, **defaults, **kwargs)
-            state.sync()
-            return state
+            return self.run(backend=backend, **defaults, **kwargs)  # returns when finished
 
         with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
             futures = [pool.submit(one, kw) for kw in batch_kwargs]
@@ -321,14 +319,13 @@ class SglFunction:
         if len(batch_kwargs) > 1:
             compiler.warm_prefix(compiled.constant_prefix(backend), backend)
         limit = 1024 if num_threads == "auto" else max(1, int(num_threads))
-        states, _ = compiler.run_step_aligned(
+        return compiler.run_step_aligned(
             lambda b, kwargs: self.run(backend=b, **defaults, **kwargs),
             batch_kwargs,
             backend,
             max_concurrency=min(limit, len(batch_kwargs)),
             on_done=None if bar is None else lambda: bar.update(1),
         )
-        return states
 
     def compile(self) -> Any:
         """This program traced to IR (a :class:`~smallm.lang.compiler.CompiledFunction`,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from smallm.lang.backends.base import Backend
-from smallm.lang.backends.step_batcher import BatchStats, StepBatcher
+from smallm.lang.backends.step_batcher import StepBatcher
 from smallm.lang.interpreter import ProgramState, StreamExecutor
 from smallm.lang.ir import (
     ConstantText,
@@ -159,9 +159,10 @@ def run_step_aligned(
     backend: Backend,
     max_concurrency: int,
     on_done: Callable[[], None] | None = None,
-) -> tuple[list[ProgramState], BatchStats]:
-    """Run ``start(batcher, kwargs)`` for each kwargs on one :class:`StepBatcher`, with
-    ``max_concurrency`` program threads; states in order, and what was sent."""
+) -> list[ProgramState]:
+    """Run ``start(batcher, kwargs)`` (which returns a finished program's state) for each
+    kwargs on one :class:`StepBatcher`, with ``max_concurrency`` program threads; states in
+    order."""
     batcher = StepBatcher(backend)
     states: list[Any] = [None] * len(batch_kwargs)
     next_index = iter(range(len(batch_kwargs)))
@@ -179,9 +180,7 @@ def run_step_aligned(
                 if i is None:
                     return
                 try:
-                    state = start(batcher, batch_kwargs[i])
-                    state.sync()
-                    states[i] = state
+                    states[i] = start(batcher, batch_kwargs[i])
                 except BaseException as e:  # re-raised in the caller's thread below
                     states[i] = e
                 if on_done is not None:
@@ -206,7 +205,7 @@ def run_step_aligned(
     for s in states:
         if isinstance(s, BaseException):
             raise s
-    return states, batcher.stats
+    return states
 
 
 class CompiledFunction:
@@ -240,11 +239,9 @@ class CompiledFunction:
         actor = batcher.register()
         batcher.bind(actor)
         try:
-            state = self.function.run(*args, backend=batcher, **kwargs)
-            state.sync()
+            return self.function.run(*args, backend=batcher, **kwargs)
         finally:
             batcher.leave(actor)
-        return state
 
     def run_batch(self, batch_kwargs: list[dict[str, Any]], **kwargs: Any) -> list[ProgramState]:
         """:meth:`SglFunction.run_batch` with ``compiled=True``."""

@@ -87,12 +87,7 @@ class OpenAI(Backend):
         resp = self.client.completions.create(
             model=self.model, prompt=text, **self._request(params)
         )
-        if len(resp.choices) > 1:  # n > 1
-            return [c.text for c in resp.choices], [
-                _meta(resp.id, c.finish_reason, resp.usage) for c in resp.choices
-            ]
-        choice = resp.choices[0]
-        return choice.text, _meta(resp.id, choice.finish_reason, resp.usage)
+        return _result(resp, lambda c: c.text)
 
     def generate_chat(
         self, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool = False
@@ -110,8 +105,7 @@ class OpenAI(Backend):
         if stream:
             return self._chat_stream(messages, body)
         resp = self.client.chat.completions.create(model=self.model, messages=messages, **body)
-        choice = resp.choices[0]
-        return choice.message.content or "", _meta(resp.id, choice.finish_reason, resp.usage)
+        return _result(resp, lambda c: c.message.content or "")
 
     def _chat_stream(self, messages: list[dict], body: dict) -> Iterator[tuple[str, dict]]:
         stream = self.client.chat.completions.create(
@@ -188,6 +182,13 @@ class OpenAI(Backend):
 
     def flush_cache(self) -> bool:
         return False  # not part of the OpenAI API
+
+
+def _result(resp: Any, text_of: Callable[[Any], str]) -> tuple[Any, Any]:
+    """(text, meta_info) of a response; with n > 1 choices, (list of texts, list of metas)."""
+    metas = [_meta(resp.id, c.finish_reason, resp.usage) for c in resp.choices]
+    texts = [text_of(c) for c in resp.choices]
+    return (texts, metas) if len(texts) > 1 else (texts[0], metas[0])
 
 
 def _pieces(stream: Any, text_of: Callable[[Any], str | None]) -> Iterator[tuple[str, dict]]:

@@ -46,15 +46,6 @@ class _Call:
         self.done.set()
 
 
-@dataclasses.dataclass
-class BatchStats:
-    """What a compiled run sent: rounds, and requests to the real backend."""
-
-    rounds: int = 0
-    calls: int = 0  # gens and selects of the programs
-    batched_calls: int = 0  # generate_many / select_many / single calls made for them
-
-
 class StepBatcher(Backend, Coordinator):
     """Wraps ``inner``; share one instance between the programs of a batch."""
 
@@ -67,7 +58,6 @@ class StepBatcher(Backend, Coordinator):
         self.inner = inner
         self.max_wait = max_wait
         self.coordinator = self
-        self.stats = BatchStats()
         self._cv = threading.Condition()
         self._actors: set[Actor] = set()
         self._running = 0
@@ -87,9 +77,6 @@ class StepBatcher(Backend, Coordinator):
             return self.inner.generate(text, params)
         return self._submit(_Call("gen", (text, params)))
 
-    def generate_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict]]:
-        return [self.generate(text, params) for text, params in items]
-
     def generate_stream(self, text: str, params: dict[str, Any]) -> Iterator[tuple[str, dict]]:
         return self.inner.generate_stream(text, params)
 
@@ -97,9 +84,6 @@ class StepBatcher(Backend, Coordinator):
         self, text: str, choices: list[str], temperature: float, method: ChoicesSamplingMethod
     ) -> ChoicesDecision:
         return self._submit(_Call("select", (text, choices, temperature, method)))
-
-    def select_many(self, items: list) -> list[ChoicesDecision]:
-        return [self.select(*item) for item in items]
 
     def _call(self, payload: dict[str, Any]) -> dict | list[dict]:
         return self.inner._call(payload)
@@ -137,7 +121,7 @@ class StepBatcher(Backend, Coordinator):
                 if (
                     self._pending
                     and time.monotonic() - self._last_change >= self.max_wait
-                    and not any(a.ready is not None and a.ready() for a in self._actors)
+                    and not self._about_to_wake()
                 ):
                     self._flush_locked()
 
@@ -192,17 +176,15 @@ class StepBatcher(Backend, Coordinator):
     def _maybe_flush_locked(self) -> None:
         if not self._pending or self._running > 0:
             return
+        if not self._about_to_wake():
+            self._flush_locked()
+
+    def _about_to_wake(self) -> bool:
         # A waiting actor whose condition already holds is about to run (and may add a call).
-        if any(a.ready is not None and a.ready() for a in self._actors):
-            return
-        self._flush_locked()
+        return any(a.ready is not None and a.ready() for a in self._actors)
 
     def _flush_locked(self) -> None:
         calls, self._pending = self._pending, []
-        if not calls:
-            return
-        self.stats.rounds += 1
-        self.stats.calls += len(calls)
         threading.Thread(
             target=self._run_round, args=(calls,), name="smallm-round", daemon=True
         ).start()
@@ -233,8 +215,6 @@ class StepBatcher(Backend, Coordinator):
             t.join()
 
     def _run_group(self, method: Callable[[list], list], group: list[_Call]) -> None:
-        with self._cv:
-            self.stats.batched_calls += 1
         try:
             results = method([c.args for c in group])
         except Exception as e:

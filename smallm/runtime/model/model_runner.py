@@ -164,7 +164,7 @@ class ModelRunner:
         rows = torch.cat([torch.arange(start, start + n) for _, start, n in spans])
         targets = torch.tensor([t for i, _, _ in spans for t in batch.entries[i].logprob_targets])
         chosen: list[float] = []
-        tops: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        tops: list[tuple[torch.Tensor, torch.Tensor]] = []
         want_top = max(batch.entries[i].top_logprobs_num for i, _, _ in spans)
         for lo in range(0, len(rows), self._LOGPROB_ROWS):
             part = slice(lo, lo + self._LOGPROB_ROWS)
