@@ -111,19 +111,20 @@ ISA_FLAGS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_t
 
 def cpu_info() -> tuple[str, set[str]]:
     """CPU model name and its ISA flags, from /proc/cpuinfo (empty on other systems)."""
-    name, flags = platform.processor() or "unknown", set()
+    name, flags = "", set()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return name, flags
+        text = ""
+    # The first processor's block is enough: "model name" comes before "flags" in it.
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and name in ("unknown", platform.processor()):
+        if key.strip() == "model name" and not name:
             name = value.strip()
         elif key.strip() == "flags":
             flags = set(value.split())
             break
-    return name, flags
+    return name or platform.processor() or "unknown", flags
 
 
 def machine_header() -> dict[str, Any]:
@@ -140,6 +141,7 @@ def machine_header() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "load": os.getloadavg()[0],
     }
 
 
@@ -152,6 +154,7 @@ def print_header(h: dict[str, Any]) -> None:
         f"torch {h['torch']}: cpu capability {h['torch_cpu_capability']}, "
         f"{h['torch_threads']} threads; python {h['python']}"
     )
+    print(f"load average (1 min) at start: {h['load']:.2f} (other work on the cores skews results)")
 
 
 # ---- model and prompts -------------------------------------------------------------------
@@ -375,18 +378,10 @@ def plan_runs(
             # The KV cache size vLLM's CPU backend reserves (GiB): plenty for 64 x 256 tokens of
             # this model, and small enough to leave room for the other processes on the machine.
             env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": vllm_bind}
-            runs.append(
-                Run(
-                    "vllm",
-                    "vLLM CPU bfloat16",
-                    "vllm_worker.py",
-                    {"dtype": "bfloat16"},
-                    "vllm",
-                    env,
-                )
-            )
+            opts = {"dtype": "bfloat16"}
+            runs.append(Run("vllm", "vLLM CPU bfloat16", "vllm_worker.py", opts, "vllm", env))
         elif system == "llamacpp":
-            opts = {"n_threads": 2}
+            opts = {"n_threads": os.cpu_count() or 1}  # every core, as torch uses by default
             label = f"llama.cpp {quant} GGUF"
             runs.append(Run("llamacpp", label, "llamacpp_worker.py", opts, "llamacpp"))
     return runs
@@ -405,8 +400,10 @@ class _OutputPump(threading.Thread):
         for line in self.stream:
             self.log.write(line)
             self.log.flush()
-            if line.startswith(RESULT_MARKER):
-                self.result = json.loads(line[len(RESULT_MARKER) :])
+            # Searched for, not matched at the start: another process's output can share the line.
+            at = line.find(RESULT_MARKER)
+            if at >= 0:
+                self.result = json.loads(line[at + len(RESULT_MARKER) :])
                 self.found_at = time.monotonic()
 
 
@@ -472,9 +469,13 @@ def execute(runs: list[Run], base_job: dict[str, Any], venvs: dict[str, PeerVenv
         slug = f"{i:02d}_{run.label.replace(' ', '_').replace('=', '-')}"
         job_path, log_path = workdir / f"{slug}.json", workdir / f"{slug}.log"
         write_job(job_path, run, base_job)
-        print(f"[run] {run.label} ...", end=" ", flush=True)
+        # The 1-minute load average before each run: above ~0.5 something else was using the
+        # cores, and 2-thread runs (llama.cpp's spinning threads most of all) read far too slow.
+        load = os.getloadavg()[0]
+        print(f"[run] {run.label} (load {load:.1f}) ...", end=" ", flush=True)
         t = time.monotonic()
         run.result = run_worker(run, python, job_path, log_path, args.timeout)
+        run.result["load_before"] = load
         status = run.result.get("status")
         print(f"{status} ({time.monotonic() - t:.0f} s)", flush=True)
         if status != "ok":

@@ -22,7 +22,9 @@ class SmallmBackend:
 
         kwargs = job["options"].get("engine_kwargs", {})
         try:
-            self.engine = Engine(model_path=job["model_dir"], **kwargs)
+            # No model_path: smallm's default model, as a user gets it (the peers are given the
+            # same model's GGUF file or converted directory).
+            self.engine = Engine(**kwargs)
         except TypeError as e:
             raise Unsupported(str(e)) from e
         self.notes = [f"engine kwargs: {kwargs}"]
