@@ -172,6 +172,8 @@ class TorchNativeBackend(AttentionBackend):
         groups = meta.groups
         if len(groups) == 1 and groups[0].q_idx is None:
             return self._batched(q, k_buf, v_buf, groups[0])
+        if len(meta.extends) == 1 and meta.extends[0].length == num_tokens:
+            return self._extend(q, k_buf, v_buf, meta.extends[0])  # one prompt: no copy out
         out = torch.empty_like(q)
         for ext in meta.extends:
             sl = slice(ext.start, ext.start + ext.length)
@@ -232,10 +234,13 @@ class TorchNativeBackend(AttentionBackend):
     def _extend(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, ext: _Extend
     ) -> torch.Tensor:
-        keys = k_buf.index_select(0, ext.slots).transpose(0, 1).unsqueeze(0)  # [1, Hk, S, D]
-        values = v_buf.index_select(0, ext.slots).transpose(0, 1).unsqueeze(0)
+        # Token-major views ([1, heads, tokens, D] with token stride H * D): torch's CPU flash
+        # attention reads strided inputs and writes its output token-major, so neither the
+        # inputs nor the result are copied into head-major layout.
+        keys = k_buf.index_select(0, ext.slots).unsqueeze(0).transpose(1, 2)  # [1, Hk, S, D]
+        values = v_buf.index_select(0, ext.slots).unsqueeze(0).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
+            q.unsqueeze(0).transpose(1, 2),  # [1, Hq, n, D]
             keys,
             values,
             attn_mask=ext.mask,
@@ -243,4 +248,4 @@ class TorchNativeBackend(AttentionBackend):
             scale=self.scale,
             enable_gqa=True,
         )
-        return out.squeeze(0).transpose(0, 1)
+        return out.transpose(1, 2).squeeze(0)
