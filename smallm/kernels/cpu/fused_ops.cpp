@@ -8,8 +8,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -324,7 +322,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
 
 // y [M, N] = x [M, K] @ W.T for int8 codes q [N, K] with a float32 scale per group of `group`
 // inputs (scale [N, K / group]; group = K is one scale per row). Meant for the few rows of a
-// decode step: each weight row is read once and used for every row of x. torch's own int8
+// decode step: each weight row is read once and used for every row of x; the result is float32.
+// torch's own int8
 // kernel re-reads the weights every 4 rows and ran at ~5 GB/s on the LM head at batch 1.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        int64_t group) {
@@ -365,115 +364,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
       for (int64_t r = 0; r < m; ++r) op[r * n + row] = acc[r];
     }
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
-}
-
-// ---- int4 weights, a few rows at a time ------------------------------------------------------
-//
-// Codes in GGUF's Q4 nibble order: for each group of 32 inputs, 16 bytes whose low nibbles are
-// inputs 0..15 and high nibbles 16..31; w = q * scale + offset (offset = zero - 8 * scale). A
-// row's dot product is sum_g scale_g * (x_g . q_g) + sum_g offset_g * sum(x_g): the first part
-// accumulates in vector lanes (one horizontal sum per output), the second is a short dot over
-// groups with the input's group sums, computed once per pass. Each weight byte is read once per
-// pass, so a decode step runs at memory speed (torch's int4 kernel reached ~12 GB/s here).
-
-namespace {
-
-constexpr int64_t kGroup = 32;
-
-// Adds to out[r] (r < m) the dot products of one weight row's codes with m input rows.
-inline void int4_row(const uint8_t* __restrict qs, const float* __restrict scale,
-                     const float* __restrict offset, const float* __restrict x,
-                     const float* __restrict xsum, int64_t m, int64_t k, float* out) {
-  const int64_t groups = k / kGroup;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * k;
-    float total = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + g * 16));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
-      const __m512 hi =
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
-      __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xr + g * kGroup), lo);
-      t = _mm512_fmadd_ps(_mm512_loadu_ps(xr + g * kGroup + 16), hi, t);
-      acc = _mm512_fmadd_ps(t, _mm512_set1_ps(scale[g]), acc);
-    }
-    total = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + g * 16));
-      const __m128i l = _mm_and_si128(b, mask);
-      const __m128i h = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-      const float* xg = xr + g * kGroup;
-      __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xg), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)));
-      t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 8),
-                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))), t);
-      t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16),
-                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h)), t);
-      t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24),
-                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8))), t);
-      acc = _mm256_fmadd_ps(t, _mm256_set1_ps(scale[g]), acc);
-    }
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s4 = _mm_hadd_ps(s4, s4);
-    s4 = _mm_hadd_ps(s4, s4);
-    total = _mm_cvtss_f32(s4);
-#else
-    for (int64_t g = 0; g < groups; ++g) {
-      float dot = 0.0f;
-      for (int64_t j = 0; j < 16; ++j) {
-        const uint8_t b = qs[g * 16 + j];
-        dot += xr[g * kGroup + j] * static_cast<float>(b & 0x0f) +
-               xr[g * kGroup + 16 + j] * static_cast<float>(b >> 4);
-      }
-      total += dot * scale[g];
-    }
-#endif
-    const float* xs = xsum + r * groups;
-    float off = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) off += offset[g] * xs[g];
-    out[r] = total + off;
-  }
-}
-
-}  // namespace
-
-// y [M, N] = x [M, K] @ W.T for int4 codes `qs` uint8 [N, K / 2] (layout above) with float32
-// `scale` and `offset` [N, K / 32].
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scale,
-                       const at::Tensor& offset) {
-  check_rows(x, "x");
-  const int64_t m = x.size(0), k = x.size(1), n = qs.size(0);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) * 2 == k,
-              "qs must be contiguous uint8 [N, K / 2]");
-  TORCH_CHECK(k % kGroup == 0, "in-features must be a multiple of 32");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-                  scale.is_contiguous() && offset.is_contiguous() &&
-                  scale.numel() == n * (k / kGroup) && offset.numel() == n * (k / kGroup),
-              "scale and offset must be contiguous float32 [N, K / 32]");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t groups = k / kGroup;
-  const at::Tensor xsum = xf.view({m, groups, kGroup}).sum(-1).contiguous();
-  auto out = at::empty({n, m}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const float* xsp = xsum.data_ptr<float>();
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  float* yp = out.data_ptr<float>();
-  at::parallel_for(0, n, 32, [&](int64_t lo, int64_t hi) {
-    for (int64_t row = lo; row < hi; ++row) {
-      int4_row(qp + row * (k / 2), sp + row * groups, op + row * groups, xp, xsp, m, k,
-               yp + row * m);
-    }
-  });
-  // [N, M] -> [M, N]: per-row outputs are written contiguously above (no false sharing).
-  return out.t().to(x.scalar_type()).contiguous();
+  return out;  // float32: the caller rounds it (or keeps it, for the LM head's logits)
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -481,7 +372,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; RMSNorm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("rope_store", &rope_store, "rotary on q/k, k/v into the pool; returns q");
-  m.def("int4_linear", &int4_linear, "x @ W.T for int4 W in Q4 nibble order, few rows");
   m.def("int8_linear", &int8_linear, "x @ W.T for group-scaled int8 W, few rows");
   m.def("paged_attention", &paged_attention, "attention over the paged KV pool, in place");
 }

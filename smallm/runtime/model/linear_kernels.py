@@ -80,6 +80,7 @@ class QuantizedKernel(LinearKernel):
         self.dense = dense
         self.max_rows = max_rows if dense is not None else 1 << 62
         self.ops = ops if qt.kind == "int8" else None
+        self.float_output = False  # set for an LM head: return float32 where the kernel has it
         if self.ops is not None:
             self.packed = qt.q.contiguous()
             self.scales = qt.scale.reshape(qt.shape[0], -1).float().contiguous()
@@ -109,7 +110,11 @@ class QuantizedKernel(LinearKernel):
             return self.dense(x)
         if self.ops is not None:
             out = self.ops.int8_linear(x.contiguous(), self.packed, self.scales, self.group_size)
-            return out if self.bias is None else out + self.bias
+            if self.bias is not None:
+                out += self.bias
+            # The kernel accumulates in float32; an LM head keeps that precision for its logits
+            # (bfloat16 logits of magnitude ~20 are only 0.125 apart and tie often).
+            return out if self.float_output else out.to(x.dtype)
         xb = x.to(torch.bfloat16)
         if self.kind == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -75,6 +75,8 @@ def setup_linears(
     tied = getattr(model.config, "tie_word_embeddings", False)
     head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
     setup.lm_head = kernel_for(model.lm_head_weight, None, [head_name])
+    if isinstance(setup.lm_head, QuantizedKernel):
+        setup.lm_head.float_output = True
     return setup
 
 

@@ -87,21 +87,6 @@ class QuantizedTensor:
         )
 
 
-def pack_nibbles(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int4 codes in GGUF's Q4 nibble order for smallm's own kernel: ``qs`` uint8 [N, K / 2]
-    (per 32 inputs, 16 bytes: low nibbles inputs 0..15, high 16..31), ``scale`` and ``offset``
-    float32 [N, K / 32] with ``w = q * scale + offset``. Larger groups repeat their scale."""
-    if qt.kind != "int4" or qt.group_size % 32:
-        raise ValueError("pack_nibbles needs int4 codes in groups of a multiple of 32")
-    n, k = qt.shape
-    q = qt.q.view(n, k // 32, 2, 16)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    reps = qt.group_size // 32
-    scale = qt.scale.float().repeat_interleave(reps, dim=1).contiguous()
-    offset = (qt.zero.float().repeat_interleave(reps, dim=1) - 8 * scale).contiguous()
-    return qs, scale, offset
-
-
 def quantize_int8(w: torch.Tensor) -> QuantizedTensor:
     """Symmetric per-output-row int8 by round-to-nearest."""
     w = w.float()
