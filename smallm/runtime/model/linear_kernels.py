@@ -29,6 +29,11 @@ class LinearKernel(ABC):
     def name(self) -> str:
         """Short label for logs: ``float32``, ``bf16-prepacked``, ``int4-g32``, ..."""
 
+    @abstractmethod
+    def spec(self, ops):
+        """The same multiply as the fused ops' ``LinearSpec``, for their one-call decode pass;
+        None when it has no C++ form."""
+
 
 class DenseKernel(LinearKernel):
     """A dense weight in the activation dtype. bfloat16 weights are prepacked once into oneDNN's
@@ -48,6 +53,10 @@ class DenseKernel(LinearKernel):
     def name(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
         return f"{dtype}-prepacked" if self.prepacked else dtype
+
+    def spec(self, ops):
+        kind = 1 if self.prepacked else 0
+        return ops.LinearSpec(kind, self.weight, None, 0, self.bias, 1 << 62, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked:
@@ -104,6 +113,20 @@ class QuantizedKernel(LinearKernel):
         if self.dense is not None:
             label += f" (<= {self.max_rows} rows; else {self.dense.name})"
         return label
+
+    def spec(self, ops):
+        dense = self.dense.spec(ops) if self.dense is not None else None
+        if dense is None and self.dense is not None:
+            return None
+        if self.ops is not None:
+            kind, scales = 3, self.scales
+        elif self.kind == "int4":
+            kind, scales = 2, self.scale_zero
+        else:
+            return None  # torch's int8 kernel: not exposed to the C++ pass
+        return ops.LinearSpec(
+            kind, self.packed, scales, self.group_size, self.bias, self.max_rows, dense
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:

@@ -144,6 +144,15 @@ class LlamaForCausalLM(nn.Module):
         positions, slots = batch.positions, batch.out_cache_loc
         cos, sin = self.rotary.cos32, self.rotary.sin32
         residual = self.model.embed_tokens(batch.input_ids)
+        paged = _paged_only(batch)
+        specs = self._layer_specs()
+        if paged is not None and specs is not None:
+            # Decodes and short extends: the whole layer loop in one C++ call.
+            return ops.paged_forward(
+                residual, specs, self.model.norm.weight, eps, positions, cos, sin,
+                pool.buffer, slots, backend.req_to_token.table, paged.req_rows,
+                paged.kv_lens, backend.scale, hq, hk,
+            )  # fmt: skip
         x = ops.rms_norm(residual, layers[0].input_layernorm.weight, eps)
         t = residual.shape[0]
         for i, layer in enumerate(layers):
@@ -159,6 +168,24 @@ class LlamaForCausalLM(nn.Module):
             x = ops.add_rms_norm(down, residual, norm.weight, eps)
         return x
 
+    def _layer_specs(self):
+        """The layers as the fused ops' LayerSpecs (built once, after the runner attached the
+        linear kernels); None when some multiply has no C++ form."""
+        if getattr(self, "_specs", False) is not False:
+            return self._specs
+        ops, specs = self.fused_ops, []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            parts = [m.kernel.spec(ops) if m.kernel is not None else None for m in linears]
+            if any(p is None for p in parts):
+                specs = None
+                break
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            specs.append(ops.LayerSpec(*norms, *parts))
+        self._specs = specs
+        return specs
+
     def shard_slice(self, fused: str, shard: str | int) -> slice:
         """Rows of fused parameter ``fused`` that HF shard ``shard`` loads into."""
         cfg = self.config
@@ -173,3 +200,12 @@ class LlamaForCausalLM(nn.Module):
 def _linear(module: nn.Module):
     """The callable that multiplies for a Linear: its kernel when one was attached."""
     return module.kernel or module
+
+
+def _paged_only(batch: ForwardBatch):
+    """The pass's paged-attention metadata when it covers every token (no long extend)."""
+    meta = batch.attn_metadata
+    paged = getattr(meta, "paged", None)
+    if paged is None or paged.rows is not None or meta.extends:
+        return None
+    return paged
