@@ -39,7 +39,16 @@ from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 
 # OpenAI fields that are native sampling params under the same name, and SGLang's native extras.
-_SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty")
+_SAME_NAME = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
 NATIVE_EXTRAS = (
     "top_k",
     "min_p",
@@ -139,9 +148,6 @@ def _check_shared(body: dict) -> None:
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise _bad("stream", f"stream must be true or false, got {body['stream']!r}")
     opt_dict(body, "stream_options")
-    bias = body.get("logit_bias")
-    if bias:
-        raise _bad("logit_bias", "logit_bias is not supported")
 
 
 @dataclass
@@ -349,10 +355,14 @@ def _constrained_body(body: dict, tools: ToolRequest | None, names: dict[str, st
     the native grammar field; ``names`` learns the client's name for it."""
     found = request_constraints(body)
     if tools is not None and tools.enforced:
-        schema = json.dumps(constraint_schema(tools))
-        found.append(
-            Constraint("json_schema", schema, "function_call" if tools.legacy else "tool_choice")
-        )
+        param = "function_call" if tools.legacy else "tool_choice"
+        if found:
+            raise _bad(
+                param,
+                f"{param} {tools.choice} is enforced with the tool's JSON schema; it cannot be "
+                f"combined with {found[0].source}",
+            )
+        found.append(Constraint("json_schema", json.dumps(constraint_schema(tools)), param))
     c = single_constraint(found)
     if c is not None:
         names[c.native] = c.source
