@@ -515,7 +515,9 @@ def tool_output(oc: OpenAICall, text: str) -> ToolOutput:
         return ToolOutput(None, calls) if calls else ToolOutput(text)
     assert oc.parser is not None
     result = oc.parser.parse(text)
-    return ToolOutput(result.content, result.calls)
+    # Without parallel calls only the first one is answered (the model wrote several anyway).
+    calls = result.calls if tools.parallel else result.calls[:1]
+    return ToolOutput(result.content, calls)
 
 
 def chat_choice(index: int, result: dict, oc: OpenAICall) -> dict:

@@ -43,7 +43,8 @@ class ToolStream:
         if len(result.content) > self.sent:
             deltas.append({"content": result.content[self.sent :]})
         self.sent = len(text)
-        return deltas + self._calls(result.calls)
+        calls = result.calls if self.req.parallel else result.calls[:1]
+        return deltas + self._calls(calls)
 
     def _content(self, text: str, upto: int) -> list[dict]:
         if upto <= self.sent:
