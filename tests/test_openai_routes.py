@@ -153,3 +153,45 @@ def test_suffix_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt="def f(", suffix="return 1", max_tokens=4)
     assert e.value.body["param"] == "suffix" and "not supported" in e.value.body["message"]
+
+
+def test_embeddings_match_hf_mean_pooled_last_hidden_state(
+    client, tiny_chat_model_dir, default_tokenizer
+):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = [
+        "The capital of France is Paris.",
+        "Hello",
+        "A much longer sentence about cats and dogs.",
+    ]
+    resp = client.embeddings.create(model="m", input=texts)
+    assert [d.index for d in resp.data] == [0, 1, 2]
+    ref = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32).eval()
+    for text, item in zip(texts, resp.data):
+        ids = default_tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            hidden = ref.model(torch.tensor([ids])).last_hidden_state[0]
+        want = torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy()
+        got = np.array(item.embedding)
+        assert abs(np.linalg.norm(got) - 1) < 1e-4
+        assert np.abs(got - want).max() < 1e-3, text
+    total = sum(len(default_tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    assert resp.usage.prompt_tokens == total
+    # Again (now with the prompts in the prefix cache), by token ids, and as base64.
+    again = client.embeddings.create(
+        model="m", input=[default_tokenizer.encode(texts[0], add_special_tokens=False)]
+    )
+    assert np.abs(np.array(again.data[0].embedding) - np.array(resp.data[0].embedding)).max() < 1e-5
+    raw = requests.post(client.base_url.__str__().rstrip("/") + "/embeddings", json={"input": "Hello", "encoding_format": "base64"}, timeout=60).json()  # fmt: skip
+    import base64
+
+    vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert np.abs(vec - np.array(resp.data[1].embedding)).max() < 1e-5
+    for bad, param in [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions"), ({"input": "x", "encoding_format": "int8"}, "encoding_format")]:  # fmt: skip
+        r = requests.post(
+            client.base_url.__str__().rstrip("/") + "/embeddings", json=bad, timeout=60
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)

@@ -67,6 +67,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
+    from smallm.runtime.http.embeddings_api import add_embeddings_routes
     from smallm.runtime.http.native import add_native_routes
     from smallm.runtime.http.openai_api import add_openai_routes
     from smallm.runtime.http.openapi import add_openapi_route
@@ -80,6 +81,7 @@ def build_app(ctx: ServerContext) -> web.Application:
     add_native_routes(app)
     add_openai_routes(app)
     add_responses_routes(app)
+    add_embeddings_routes(app)
     add_tokenize_routes(app)
     add_openapi_route(app)
     return app

@@ -97,6 +97,10 @@ _ROUTES: dict[tuple[str, str], tuple[str, dict | None]] = {
             stream=_BOOL,
         ),
     ),
+    ("POST", "/v1/embeddings"): (
+        "mean-pooled, L2-normalised last hidden states",
+        _obj("input", model=_STR, input=_ANY, encoding_format=_STR, dimensions=_INT),
+    ),
     ("POST", "/tokenize"): (
         "vLLM tokenize: prompt or chat messages to token ids",
         _obj(prompt=_STR, messages=_MESSAGES, add_special_tokens=_BOOL, return_token_strs=_BOOL),
