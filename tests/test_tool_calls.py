@@ -226,3 +226,47 @@ def test_stream_named_sends_arguments_as_they_come():
     assert deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
     args = "".join(d["tool_calls"][0]["function"].get("arguments", "") for d in deltas)
     assert args == text and s.called
+
+
+# A Qwen-2.5-style template that reads `tools` and renders tool calls and results itself.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}</{{ m.role }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_template_with_tools_gets_them_directly(default_tokenizer):
+    import copy
+
+    from smallm.runtime.http import openai_protocol as proto
+
+    tok = copy.deepcopy(default_tokenizer)
+    tok.chat_template = TOOLS_TEMPLATE
+    body = {
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "3C"},
+        ],
+        "tools": [WEATHER, TIME],
+    }  # fmt: skip
+    oc = proto.chat_call(body, tok, 4096, get_parser("hermes"))
+    assert oc.prompt_text == (
+        "<tools>get_weather;get_time;</tools>\n<user>weather?</user>\n"
+        '<assistant>CALL get_weather {"city": "Oslo"}</assistant>\n<tool>3C</tool>\n<assistant>'
+    )
+    # tool_choice none: the tools are not listed, the history still renders.
+    oc = proto.chat_call({**body, "tool_choice": "none"}, tok, 4096, get_parser("hermes"))
+    assert oc.prompt_text.startswith("<user>weather?</user>") and oc.tools is None
+    # The fallback (SmolLM2's ChatML template takes no tools).
+    oc = proto.chat_call(body, default_tokenizer, 4096, get_parser("hermes"))
+    assert "<tools>" in oc.prompt_text and "<tool_call>" in oc.prompt_text
+    assert "<tool_response>\n3C\n</tool_response>" in oc.prompt_text
+
+
+def test_empty_tools_list_means_no_tools():
+    assert tc.tool_request({"tools": [], "tool_choice": "auto"}) is None
+    assert bad({"tools": [], "tool_choice": "required"}).param == "tool_choice"

@@ -145,8 +145,9 @@ def tool_request(body: dict) -> ToolRequest | None:
             "parallel_tool_calls", f"parallel_tool_calls must be true or false, got {parallel!r}"
         )
     if not tools:
-        if choice not in (None, "none"):
-            raise _bad(param, f"{param} {choice!r} needs tools")
+        # An empty list with auto/none is "no tools" (some clients always send the field).
+        if choice in ("required", "named"):
+            raise _bad(param, f"{param} {named or choice!r} needs tools")
         return None
     req = ToolRequest(tools, choice or "auto", named, parallel is not False and not legacy, legacy)
     if named is not None and req.tool(named) is None:
