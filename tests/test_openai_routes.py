@@ -195,3 +195,11 @@ def test_embeddings_match_hf_mean_pooled_last_hidden_state(
             client.base_url.__str__().rstrip("/") + "/embeddings", json=bad, timeout=60
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_same_constraint_in_two_spellings_is_one(client):
+    # guidance's vLLM client sends guided_grammar and structured_outputs.grammar together.
+    grammar = 'start: "ok" ("!" | "?")'
+    extra = {"guided_grammar": grammar, "structured_outputs": {"grammar": grammar}}
+    resp = client.chat.completions.create(model="m", messages=HI, max_tokens=8, extra_body=extra)
+    assert resp.choices[0].message.content in ("ok!", "ok?")

@@ -130,6 +130,9 @@ def request_constraints(body: dict) -> list[Constraint]:
 
 def single_constraint(found: list[Constraint]) -> Constraint | None:
     """The one constraint of a request; 400 naming the fields when there are several."""
+    # The same constraint in several spellings is one constraint: guidance's vLLM client sends
+    # guided_grammar and structured_outputs.grammar together, for old and new vLLM alike.
+    found = list({(c.native, c.spec): c for c in found}.values())
     if len(found) > 1:
         names = ", ".join(c.source for c in found)
         raise _bad(found[1].source.split(".")[0], f"give one output constraint, got {names}")
