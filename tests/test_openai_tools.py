@@ -281,3 +281,17 @@ def test_responses_api(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="m", input="x", previous_response_id="resp_1")
     assert e.value.body["param"] == "previous_response_id"
+
+
+def test_responses_errors_name_responses_fields(client):
+    cases = [
+        ({"input": [{"role": "wizard", "content": "x"}]}, "input"),
+        ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
+        ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": []}, "input"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="m", **extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)

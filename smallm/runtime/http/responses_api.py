@@ -27,6 +27,12 @@ from smallm.runtime.request_builder import RequestError
 from smallm.runtime.sampling import SamplingParamsError
 from smallm.runtime.tokenizer_manager import RequestFailed, ServiceUnavailable
 
+# Chat fields a Responses error may name, and the Responses field the client sent instead.
+_PUBLIC = {
+    "messages": "input",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text",
+}
 # Responses fields with the same meaning (and name) in a chat body.
 _PASS = ("temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "stop")
 
@@ -231,16 +237,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
     ctx = request.app[SERVER]
     body = await read_json(request)
     chat = chat_body(body)
-    oc = proto.chat_call(chat, ctx.tokenizer, ctx.info.context_length, ctx.tool_parser)
+    try:
+        oc = proto.chat_call(chat, ctx.tokenizer, ctx.info.context_length, ctx.tool_parser)
+    except ApiError as e:  # name the Responses field, not the chat field it became
+        raise ApiError(e.status, e.message, _PUBLIC.get(e.param or "", e.param)) from None
     oc.include_usage = True
     call = oc.call
     call.rid = call.rid or uuid.uuid4().hex
     try:
         msgs = await ctx.tm.prepare(call)
     except (RequestError, SamplingParamsError) as e:
-        raise proto.rename_error(
-            e, {**oc.names, "max_completion_tokens": "max_output_tokens"}
-        ) from None
+        err = proto.rename_error(e, oc.names)
+        raise ApiError(err.status, err.message, _PUBLIC.get(err.param or "", err.param)) from None
     group = await ctx.tm.submit(msgs, call.return_text_in_logprobs)
     b = _Builder(ctx, body)
     try:
