@@ -295,3 +295,24 @@ def test_responses_errors_name_responses_fields(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model="m", **extra)
         assert e.value.body["param"] == param, (extra, e.value.body)
+
+
+def test_responses_stream_with_a_named_tool(client):
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": WEATHER["function"]["parameters"],
+    }
+    events = list(
+        client.responses.create(
+            model="m", input=ASK[0]["content"], tools=[tool], tool_choice={"type": "function", "name": "get_weather"},
+            temperature=0, max_output_tokens=80, stream=True,
+        )
+    )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.done" in kinds
+    assert "response.output_text.delta" not in kinds  # an enforced call has no text
+    (item,) = [o for o in events[-1].response.output if o.type == "function_call"]
+    assert item.name == "get_weather" and item.call_id.startswith("call_")
+    jsonschema.validate(json.loads(item.arguments), SCHEMAS["get_weather"])
