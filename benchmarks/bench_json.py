@@ -28,14 +28,15 @@ import time
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-prefer_passive_openmp()
+if "openblas" in sys.argv:  # before torch loads; see smallm/runtime/cpu_threads.py
+    prefer_passive_openmp()
 
-import jsonschema  # noqa: E402
-import torch  # noqa: E402
+import jsonschema
+import torch
 
-from smallm.runtime.constrained import GrammarCompiler, create_grammar_backend  # noqa: E402
-from smallm.runtime.engine import Engine  # noqa: E402
-from smallm.runtime.sampling import apply_token_bitmask_, bitmask_words  # noqa: E402
+from smallm.runtime.constrained import GrammarCompiler, create_grammar_backend
+from smallm.runtime.engine import Engine
+from smallm.runtime.sampling import apply_token_bitmask_, bitmask_words
 
 SCHEMA = {
     "type": "object",

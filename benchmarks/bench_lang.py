@@ -30,15 +30,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-prefer_passive_openmp()
+if "openblas" in sys.argv:  # before torch loads; see smallm/runtime/cpu_threads.py
+    prefer_passive_openmp()
 
-import smallm as sl  # noqa: E402
+import smallm as sl
 
 FEW_SHOT = (
     "Answer each question in a few words.\n\n"

@@ -14,14 +14,16 @@ import argparse
 import gc
 import os
 import platform
+import sys
 import time
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-prefer_passive_openmp()  # before torch is imported; see smallm/runtime/cpu_threads.py
+if "openblas" in sys.argv:  # before torch loads; see smallm/runtime/cpu_threads.py
+    prefer_passive_openmp()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def measure_bandwidth_gbs(mib: int = 1024) -> float:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-prefer_passive_openmp()  # before torch is imported; see smallm/runtime/cpu_threads.py
+if "openblas" in sys.argv:  # before torch loads; see smallm/runtime/cpu_threads.py
+    prefer_passive_openmp()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 _WORD_TEXT = (
     "the a an one some every other this that their our people time year way day man woman "

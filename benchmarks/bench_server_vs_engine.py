@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-prefer_passive_openmp()
+if "openblas" in sys.argv:  # before torch loads; see smallm/runtime/cpu_threads.py
+    prefer_passive_openmp()
 
-import bench_serving as bs  # noqa: E402
+import bench_serving as bs
 
-from smallm.lang import Runtime  # noqa: E402
+from smallm.lang import Runtime
 
 
 def run_engine(model_path: str, specs: list, server_flags: dict) -> tuple[float, int]:

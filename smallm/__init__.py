@@ -18,12 +18,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so `import smallm` (the language) does not load torch until a runtime is used, and
-    # entry points can set the CPU thread policy before torch starts.
+    # Lazy, so `import smallm` (the language) does not load torch until a runtime is used.
     if name == "Engine":
-        from smallm.runtime.cpu_threads import prefer_passive_openmp
-
-        prefer_passive_openmp()
         from smallm.runtime.engine import Engine
 
         return Engine

@@ -110,7 +110,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from smallm.runtime.cpu_threads import prefer_passive_openmp
 
-    prefer_passive_openmp()
+    # Before torch loads (parsing the flags imports it): only OpenBLAS matmuls want it.
+    if "openblas" in (sys.argv[1:] if argv is None else argv):
+        prefer_passive_openmp()
     parser = argparse.ArgumentParser(prog="smallm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)

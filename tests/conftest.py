@@ -5,19 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from smallm.runtime.cpu_threads import prefer_passive_openmp
-
 # Before anything imports Triton (transformers' model code does): Triton decides at import time
 # whether its own library functions run in the CPU interpreter, which the kernel tests need.
 os.environ["TRITON_INTERPRET"] = "1"
 
-# Before torch loads: the runner's OpenBLAS matmuls and torch's threads share two cores.
-prefer_passive_openmp()
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from smallm.runtime.model.random_model import (  # noqa: E402
+from smallm.runtime.model.random_model import (
     make_tiny_chat_model,
     make_tiny_model,
 )
@@ -101,4 +96,20 @@ def default_server(default_model_dir):
     from server_process import ServerProcess
 
     with ServerProcess(None, "--max-total-tokens", "16384") as server:
+        yield server
+
+
+# The exact path: dense float32 weights. The default path (bfloat16 activations, int4 codes for
+# passes of a few rows, a dense copy for larger ones) is fast but not batch-invariant: how a
+# request's tokens are batched (prefix-cache hits, co-running requests) picks the kernel, and a
+# near-tie may go either way. Tests that assert identical text across batchings use this one.
+EXACT_FLAGS = ("--dtype", "float32", "--quantization", "none")
+
+
+@pytest.fixture(scope="session")
+def exact_server(default_model_dir):
+    """A real server subprocess on the default model's exact float32 path."""
+    from server_process import ServerProcess
+
+    with ServerProcess(None, "--max-total-tokens", "16384", *EXACT_FLAGS) as server:
         yield server

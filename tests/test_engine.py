@@ -19,7 +19,14 @@ GREEDY = {"max_new_tokens": 16, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    with Engine(default_model_dir, max_total_tokens=8192, max_running_requests=32) as e:
+    # The exact float32 path: results are compared with HF and a reference loop below.
+    with Engine(
+        default_model_dir,
+        max_total_tokens=8192,
+        max_running_requests=32,
+        dtype="float32",
+        quantization="none",
+    ) as e:
         yield e
 
 
@@ -43,6 +50,7 @@ def test_single_and_batch_results_match_reference_loop(engine, default_model_dir
         RunnerConfig(
             model_path=default_model_dir,
             dtype="float32",
+            quantization="none",
             max_total_tokens=512,
             max_running_requests=1,
         )

@@ -20,10 +20,14 @@ QUESTIONS = [
 ]
 
 
-def _runner(path, dtype="float32") -> ModelRunner:
+def _runner(path, dtype="float32", quantization="none") -> ModelRunner:
     return ModelRunner(
         RunnerConfig(
-            model_path=str(path), dtype=dtype, max_total_tokens=2048, max_running_requests=8
+            model_path=str(path),
+            dtype=dtype,
+            quantization=quantization,
+            max_total_tokens=2048,
+            max_running_requests=8,
         )
     )
 
@@ -78,11 +82,14 @@ def test_tiny_model_greedy_batch_matches_hf(variant, tiny_model_dirs):
     _assert_no_leak(runner)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_default_model_knows_paris(default_model_dir, default_tokenizer, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "quantization"),
+    [("float32", "none"), ("bfloat16", "none"), ("auto", "auto"), ("bfloat16", "int8")],
+)
+def test_default_model_knows_paris(default_model_dir, default_tokenizer, dtype, quantization):
     tok = default_tokenizer
     text = render_chat(tok, [{"role": "user", "content": "What is the capital of France?"}])
-    runner = _runner(default_model_dir, dtype)
+    runner = _runner(default_model_dir, dtype, quantization)
     gen = StaticBatchGenerator(runner, eos_token_ids(tok, runner.model_config.eos_token_ids))
     (r,) = gen.generate(
         [tok.encode(text, add_special_tokens=False)],

@@ -14,6 +14,9 @@ from conftest import TINY_VARIANTS
 
 
 def _runner(path, dtype="float32", tokens=4096, **kw) -> ModelRunner:
+    # The exact path HF is compared with: dense weights (the default model's GGUF would
+    # otherwise run its own int4 codes).
+    kw.setdefault("quantization", "none")
     return ModelRunner(
         RunnerConfig(
             model_path=str(path),
@@ -101,8 +104,10 @@ def test_batched_short_extends_match_hf(batched, tiny_model_dirs):
     _check_three_phases(runner, hf, runner.model_config.vocab_size, rel=1e-5)
 
 
-def test_default_model_matches_hf(default_model_dir, hf_default_model):
-    runner = _runner(default_model_dir)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_default_model_matches_hf(default_model_dir, hf_default_model, fused):
+    runner = _runner(default_model_dir, disable_fused_kernels=not fused)
+    assert runner.fused == fused
     _check_three_phases(runner, hf_default_model, 49152, rel=3e-4, lengths=(3, 30, 1, 65))
 
 

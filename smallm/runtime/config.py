@@ -32,6 +32,11 @@ class ServerArgs:
     matmul_backend: str = RunnerConfig.matmul_backend
     torch_threads: int | None = RunnerConfig.torch_threads
     batched_extend_max_tokens: int = RunnerConfig.batched_extend_max_tokens
+    quantization: str = RunnerConfig.quantization
+    quantization_group_size: int = RunnerConfig.quantization_group_size
+    quantized_max_rows: int = RunnerConfig.quantized_max_rows
+    disable_fused_kernels: bool = RunnerConfig.disable_fused_kernels
+    disable_weight_prepack: bool = RunnerConfig.disable_weight_prepack
     chunked_prefill_size: int = SchedulerConfig.chunked_prefill_size
     schedule_policy: str = SchedulerConfig.schedule_policy
     disable_radix_cache: bool = SchedulerConfig.disable_radix_cache
@@ -66,6 +71,9 @@ class ServerArgs:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
             (self.attention_backend in ("auto", "torch_native", "triton"), "--attention-backend must be auto, torch_native or triton"),
             (self.matmul_backend in ("torch", "openblas"), "--matmul-backend must be torch or openblas"),
+            (self.quantization in ("auto", "none", "int8", "int4"), "--quantization must be auto, none, int8 or int4"),
+            (self.quantization_group_size in (32, 64), "--quantization-group-size must be 32 or 64"),
+            (self.quantized_max_rows >= 0, "--quantized-max-rows must be >= 0"),
             (self.grammar_backend in ("auto", "outlines", "llguidance", "none"), "--grammar-backend must be auto, outlines, llguidance or none"),
             (self.grammar_compile_timeout > 0, "--grammar-compile-timeout must be > 0"),
             (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
@@ -156,6 +164,35 @@ class ServerArgs:
             type=int,
             default=default("batched_extend_max_tokens"),
             help="torch_native attention: extends of at most this many tokens share one call with the decodes (0: off)",
+        )
+        p.add_argument(
+            "--quantization",
+            default=default("quantization"),
+            choices=["auto", "none", "int8", "int4"],
+            help="weight-only quantization (auto: a GGUF keeps its own, e.g. Q4_1 as int4; safetensors stay dense; int8/int4: quantize at load)",
+        )
+        p.add_argument(
+            "--quantization-group-size",
+            type=int,
+            default=default("quantization_group_size"),
+            choices=[32, 64],
+            help="inputs per int4 scale/zero when --quantization int4 quantizes at load",
+        )
+        p.add_argument(
+            "--quantized-max-rows",
+            type=int,
+            default=default("quantized_max_rows"),
+            help="passes of at most this many tokens use the packed quantized kernels; larger ones the dense copy (0: never packed)",
+        )
+        p.add_argument(
+            "--disable-fused-kernels",
+            action="store_true",
+            help="plain torch ops between the matmuls instead of smallm's fused C++ CPU ops (to measure them)",
+        )
+        p.add_argument(
+            "--disable-weight-prepack",
+            action="store_true",
+            help="keep dense bfloat16 weights in torch's layout instead of prepacking them for oneDNN (to measure it)",
         )
         p.add_argument(
             "--chunked-prefill-size",

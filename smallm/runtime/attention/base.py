@@ -36,3 +36,8 @@ class AttentionBackend(ABC):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor: ...
+
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        """``forward`` for a caller that already wrote this pass's keys and values into the pool
+        (the fused rotary + KV-store op): q is [T, Hq, D], the result [T, Hq, D]."""
+        raise NotImplementedError(f"{type(self).__name__} has no attend()")

@@ -39,9 +39,21 @@ class _Extend:
 
 
 @dataclass
+class _Paged:
+    """Tokens whose attention the fused kernel computes over the pool in place: batch rows
+    ``rows`` (None: every token), each of request-table row ``req_rows[i]`` seeing its first
+    ``kv_lens[i]`` tokens."""
+
+    rows: torch.Tensor | None
+    req_rows: torch.Tensor
+    kv_lens: torch.Tensor
+
+
+@dataclass
 class _Metadata:
     groups: list[_Group]
     extends: list[_Extend]
+    paged: _Paged | None = None
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -55,6 +67,10 @@ class TorchNativeBackend(AttentionBackend):
     # Extends of at most this many tokens are batched (0: only decodes are); a switch to
     # measure the batching, set from RunnerConfig.batched_extend_max_tokens.
     batched_extend_max = 16
+    # The fused CPU ops module (smallm/kernels/cpu): when set, decodes and short extends use its
+    # paged attention, which reads each request's keys and values where they lie in the pool
+    # instead of gathering them into padded copies in every layer.
+    fused_ops = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,6 +104,11 @@ class TorchNativeBackend(AttentionBackend):
                 if p > 0:
                     mask = torch.ones(n, p + n, dtype=torch.bool).tril_(diagonal=p)
                 extends.append(_Extend(batch.extend_starts[i], n, slots, mask))
+        if self.fused_ops is not None:
+            batch.attn_metadata = _Metadata(
+                [], extends, self._paged(batch, decode_rows + short_rows)
+            )
+            return
         whole = len(decode_rows) == batch.batch_size
         groups = [
             self._group(batch, rows, whole=whole and rows is decode_rows)
@@ -95,6 +116,22 @@ class TorchNativeBackend(AttentionBackend):
             if rows
         ]
         batch.attn_metadata = _Metadata(groups, extends)
+
+    def _paged(self, batch: ForwardBatch, rows: list[int]) -> _Paged | None:
+        if not rows:
+            return None
+        req_rows, kv_lens, tokens = [], [], []
+        for i in sorted(rows):
+            p, n, start = batch.prefix_lens[i], batch.extend_lens[i], batch.extend_starts[i]
+            req_rows += [batch.entries[i].req_pool_index] * n
+            kv_lens += range(p + 1, p + n + 1)
+            tokens += range(start, start + n)
+        whole = len(tokens) == len(batch.positions)
+        return _Paged(
+            None if whole else torch.tensor(tokens),
+            torch.tensor(req_rows, dtype=torch.int64),
+            torch.tensor(kv_lens, dtype=torch.int64),
+        )
 
     def _group(self, batch: ForwardBatch, rows: list[int], whole: bool) -> _Group:
         table = self.req_to_token.table
@@ -121,15 +158,22 @@ class TorchNativeBackend(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
+        self.kv_pool.store(layer, batch.out_cache_loc, k, v)
+        return self.attend(q, layer, batch).reshape(q.shape[0], -1)
+
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
-        pool.store(layer, batch.out_cache_loc, k, v)
         k_buf, v_buf = pool.k(layer), pool.v(layer)
         meta: _Metadata = batch.attn_metadata
         num_tokens = q.shape[0]
         q = q.reshape(num_tokens, -1, k_buf.shape[2])
+        if meta.paged is not None and meta.paged.rows is None:
+            return self._paged_attention(q, k_buf, v_buf, meta.paged)
         groups = meta.groups
         if len(groups) == 1 and groups[0].q_idx is None:
-            return self._batched(q, k_buf, v_buf, groups[0]).reshape(num_tokens, -1)
+            return self._batched(q, k_buf, v_buf, groups[0])
+        if len(meta.extends) == 1 and meta.extends[0].length == num_tokens:
+            return self._extend(q, k_buf, v_buf, meta.extends[0])  # one prompt: no copy out
         out = torch.empty_like(q)
         for ext in meta.extends:
             sl = slice(ext.start, ext.start + ext.length)
@@ -137,7 +181,23 @@ class TorchNativeBackend(AttentionBackend):
         for group in groups:
             res = self._batched(q[group.q_idx.view(-1)], k_buf, v_buf, group)
             out[group.dest] = res[group.src]
-        return out.reshape(num_tokens, -1)
+        if meta.paged is not None:
+            rows = meta.paged.rows
+            out[rows] = self._paged_attention(q[rows].contiguous(), k_buf, v_buf, meta.paged)
+        return out
+
+    def _paged_attention(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, paged: _Paged
+    ) -> torch.Tensor:
+        return self.fused_ops.paged_attention(
+            q.contiguous(),
+            k_buf,
+            v_buf,
+            self.req_to_token.table,
+            paged.req_rows,
+            paged.kv_lens,
+            self.scale,
+        )
 
     def _batched(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, group: _Group
@@ -174,10 +234,13 @@ class TorchNativeBackend(AttentionBackend):
     def _extend(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, ext: _Extend
     ) -> torch.Tensor:
-        keys = k_buf.index_select(0, ext.slots).transpose(0, 1).unsqueeze(0)  # [1, Hk, S, D]
-        values = v_buf.index_select(0, ext.slots).transpose(0, 1).unsqueeze(0)
+        # Token-major views ([1, heads, tokens, D] with token stride H * D): torch's CPU flash
+        # attention reads strided inputs and writes its output token-major, so neither the
+        # inputs nor the result are copied into head-major layout.
+        keys = k_buf.index_select(0, ext.slots).unsqueeze(0).transpose(1, 2)  # [1, Hk, S, D]
+        values = v_buf.index_select(0, ext.slots).unsqueeze(0).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
+            q.unsqueeze(0).transpose(1, 2),  # [1, Hq, n, D]
             keys,
             values,
             attn_mask=ext.mask,
@@ -185,4 +248,4 @@ class TorchNativeBackend(AttentionBackend):
             scale=self.scale,
             enable_gqa=True,
         )
-        return out.squeeze(0).transpose(0, 1)
+        return out.transpose(1, 2).squeeze(0)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from smallm.runtime.model.gguf_loader import SOURCE_MARKER, convert_gguf_to_hf, source_fingerprint
+from smallm.runtime.model.gguf_loader import SOURCE_MARKER, convert_gguf_to_hf, matches_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _is_converted_from(target: Path, gguf_path: Path) -> bool:
         recorded = json.loads((target / SOURCE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return recorded == source_fingerprint(gguf_path)
+    return isinstance(recorded, dict) and matches_fingerprint(recorded, gguf_path)
 
 
 def _convert(gguf_path: Path, target: Path) -> None:

@@ -22,6 +22,8 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
+from smallm.runtime.model.quantized import QuantizedTensor
+
 SOURCE_MARKER = "gguf_source.json"
 """File in a converted directory that records which GGUF it came from (see `source_fingerprint`)."""
 
@@ -276,6 +278,86 @@ def source_fingerprint(gguf_path: str | Path) -> dict[str, Any]:
     return {"gguf_file": Path(gguf_path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def gguf_origin(model_dir: str | Path) -> Path | None:
+    """The GGUF file a converted directory was made from, if it is still there unchanged."""
+    try:
+        recorded = json.loads((Path(model_dir) / SOURCE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    candidates = [Path(recorded["path"])] if recorded.get("path") else []
+    if not candidates:  # converted before paths were recorded: the default model's file?
+        from smallm.runtime.model.default_model import DefaultModelMissing, find_default_gguf
+
+        try:
+            candidates.append(find_default_gguf())
+        except DefaultModelMissing:
+            return None
+    for path in candidates:
+        if path.is_file() and matches_fingerprint(recorded, path):
+            return path
+    return None
+
+
+def matches_fingerprint(recorded: dict[str, Any], gguf_path: str | Path) -> bool:
+    """Whether a marker's fingerprint fields describe ``gguf_path`` as it is now."""
+    fingerprint = source_fingerprint(gguf_path)
+    return {k: recorded.get(k) for k in fingerprint} == fingerprint
+
+
+# GGUF types that are not loaded packed: which smallm quantization they are requantized to.
+_REQUANTIZE_AS = {
+    **dict.fromkeys(("Q6_K", "Q8_K", "Q8_1"), "int8"),
+    **dict.fromkeys(("Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q3_K", "Q2_K"), "int4"),
+}
+
+
+def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor | str | None]:
+    """The file's quantized linear weights under HF parameter names.
+
+    Q4_0 / Q4_1 / Q8_0 tensors come back as QuantizedTensor, read from their blocks with no
+    float detour (q/k rows un-permuted like ``read_gguf``). Other quantized types map to the
+    kind they should be requantized to (``"int4"``/``"int8"``, from the dequantized weights);
+    float tensors (F32/F16/BF16) map to None: they stay dense.
+    """
+    from smallm.runtime.model.quantized import GGUF_DIRECT_TYPES, from_gguf_blocks
+
+    reader = GGUFReader(path)
+    metadata = _scalar_metadata(reader)
+    arch = _ARCHS.get(metadata.get("general.architecture"))
+    out: dict[str, QuantizedTensor | str | None] = {}
+    for tensor in reader.tensors:
+        if not tensor.name.endswith(".weight") or len(tensor.shape) != 2:
+            continue
+        hf_name = _hf_name(tensor.name)
+        kind = tensor.tensor_type.name
+        if kind not in GGUF_DIRECT_TYPES:
+            out[hf_name] = _REQUANTIZE_AS.get(kind, "int4" if kind.startswith("IQ") else None)
+            continue
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))
+        qt = from_gguf_blocks(kind, np.asarray(tensor.data), shape)
+        if arch is not None and arch.permuted_qk:
+            heads = _qk_heads(hf_name, metadata)
+            if heads:
+                qt = qt.rows(_unpermute_index(shape[0], heads))
+        out[hf_name] = qt
+    return out
+
+
+def _qk_heads(hf_name: str, metadata: dict[str, Any]) -> int | None:
+    arch = metadata["general.architecture"]
+    heads = int(metadata[f"{arch}.attention.head_count"])
+    if ".self_attn.q_proj." in hf_name:
+        return heads
+    if ".self_attn.k_proj." in hf_name:
+        return int(metadata.get(f"{arch}.attention.head_count_kv") or heads)
+    return None
+
+
+def _unpermute_index(rows: int, heads: int) -> torch.Tensor:
+    """Row order that ``_unpermute_qk`` produces: ``unpermuted = permuted[index]``."""
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the GGUF model as an HF model directory: `config.json`, float32
     `model.safetensors`, `generation_config.json`, the tokenizer (with its chat template) and
@@ -294,7 +376,9 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, overwrite: bo
     try:
         _write_model(gguf_path, staging)
         _write_tokenizer(gguf_path, staging)
-        (staging / SOURCE_MARKER).write_text(json.dumps(source_fingerprint(gguf_path)))
+        # The path lets the runner read the file's quantized blocks directly (gguf_origin).
+        marker = {**source_fingerprint(gguf_path), "path": str(gguf_path)}
+        (staging / SOURCE_MARKER).write_text(json.dumps(marker))
         _move_into_place(staging, out_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

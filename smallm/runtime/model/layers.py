@@ -8,7 +8,8 @@ from torch import nn
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run its float32 matmul through numpy's OpenBLAS.
+    """``nn.Linear`` whose multiply the runner chooses after loading: a ``kernel`` from
+    linear_kernels.py (prepacked bfloat16, packed int4/int8), or plain torch, or numpy's OpenBLAS.
 
     On AVX2-only CPUs torch's MKL path for small batches is single-threaded and reaches about
     half the memory bandwidth, while OpenBLAS's threaded GEMV/GEMM saturates it (decode at
@@ -16,8 +17,11 @@ class Linear(nn.Linear):
     """
 
     use_openblas: bool = False
+    kernel = None  # a LinearKernel, set by linear_setup.setup_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         if not self.use_openblas:
             return super().forward(x)
         out = matmul_weight_t(x, self.weight, openblas=True)

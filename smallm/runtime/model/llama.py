@@ -105,6 +105,9 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
+        # The compiled module of smallm/kernels/cpu/fused_ops.cpp, set by the runner when the
+        # fused path is on; None runs the plain torch ops below.
+        self.fused_ops = None
 
     def init_rotary(self, max_positions: int, dtype: torch.dtype) -> None:
         cfg = self.config
@@ -116,13 +119,45 @@ class LlamaForCausalLM(nn.Module):
             return self.model.embed_tokens.weight
         return self.lm_head.weight
 
+    @property
+    def can_fuse(self) -> bool:
+        """Whether ``forward_fused`` covers this variant (per-head q/k norms are not fused)."""
+        return not self.config.qk_norm
+
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         assert self.rotary is not None, "call init_rotary() before forward"
+        if self.fused_ops is not None:
+            return self.forward_fused(batch, backend)
         cos, sin = self.rotary.lookup(batch.positions)
         h = self.model.embed_tokens(batch.input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch, backend)
         return self.model.norm(h)
+
+    def forward_fused(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+        """The same computation with the work between matmuls in a few fused C++ ops per
+        layer: norm + residual add, rotary + KV store, SiLU * up; attention reads the paged
+        pool in place (the backend's ``attend``)."""
+        ops, cfg, layers = self.fused_ops, self.config, self.model.layers
+        eps, hq, hk = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
+        pool = backend.kv_pool
+        positions, slots = batch.positions, batch.out_cache_loc
+        cos, sin = self.rotary.cos32, self.rotary.sin32
+        residual = self.model.embed_tokens(batch.input_ids)
+        x = ops.rms_norm(residual, layers[0].input_layernorm.weight, eps)
+        t = residual.shape[0]
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            # Kernels are called directly: nn.Module.__call__ costs microseconds a call, which
+            # at 4 matmuls x 30 layers is a visible share of a batch-1 step.
+            qkv = _linear(attn.qkv_proj)(x)
+            q = ops.rope_store(qkv, positions, cos, sin, pool.k(i), pool.v(i), slots, hq, hk)
+            o = _linear(attn.o_proj)(backend.attend(q, i, batch).reshape(t, -1))
+            x = ops.add_rms_norm(o, residual, layer.post_attention_layernorm.weight, eps)
+            down = _linear(mlp.down_proj)(ops.silu_mul(_linear(mlp.gate_up_proj)(x)))
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x = ops.add_rms_norm(down, residual, norm.weight, eps)
+        return x
 
     def shard_slice(self, fused: str, shard: str | int) -> slice:
         """Rows of fused parameter ``fused`` that HF shard ``shard`` loads into."""
@@ -133,3 +168,8 @@ class LlamaForCausalLM(nn.Module):
             return slice(start, start + (q if shard == "q" else kv))
         n = cfg.intermediate_size
         return slice(shard * n, (shard + 1) * n)
+
+
+def _linear(module: nn.Module):
+    """The callable that multiplies for a Linear: its kernel when one was attached."""
+    return module.kernel or module

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
+from smallm.kernels.cpu.build import load_fused_ops
 from smallm.runtime.attention.base import AttentionBackend
 from smallm.runtime.attention.registry import create_backend
+from smallm.runtime.attention.torch_native import TorchNativeBackend
 from smallm.runtime.attention.triton_backend import TritonAttentionBackend
 from smallm.runtime.cache.kv_pool import KVPool
 from smallm.runtime.cache.req_to_token import ReqToTokenPool
+from smallm.runtime.cpu_features import cpu_features
 from smallm.runtime.model.config import ModelConfig
 from smallm.runtime.model.forward_batch import BatchEntry, ForwardBatch
 from smallm.runtime.model.layers import matmul_weight_t, set_kernel_backend, set_matmul_backend
+from smallm.runtime.model.linear_setup import setup_linears
 from smallm.runtime.model.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,16 @@ class RunnerConfig:
     # torch_native: extends of at most this many tokens (e.g. jump-forward's) are batched like
     # decodes instead of one attention call per request; 0 turns that off.
     batched_extend_max_tokens: int = 16
+    # auto | none | int8 | int4 (see linear_setup.py): auto keeps a GGUF's own quantization.
+    quantization: str = "auto"
+    quantization_group_size: int = 32  # int4 from a safetensors checkpoint: 32 or 64
+    # Passes of at most this many rows use the packed quantized kernels, larger ones the dense
+    # copy (measured crossover on AMX: int4 wins up to ~8 rows; see linear_kernels.py).
+    quantized_max_rows: int = 8
+    # Switches that measure each speed-up against its absence: the fused C++ ops between the
+    # matmuls (smallm/kernels/cpu), and prepacking dense bfloat16 weights for oneDNN.
+    disable_fused_kernels: bool = False
+    disable_weight_prepack: bool = False
 
 
 @dataclass
@@ -76,6 +90,22 @@ class ModelRunner:
         set_matmul_backend(self.model, self.matmul_backend)
         self._openblas = self.matmul_backend == "openblas"
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        self.linear_setup = None
+        ops = None if config.disable_fused_kernels else load_fused_ops()
+        if self._openblas:
+            if config.quantization not in ("auto", "none"):
+                raise ValueError("--matmul-backend openblas runs dense float32 only")
+        else:
+            self.linear_setup = setup_linears(
+                self.model,
+                config.model_path,
+                config.quantization,
+                _group_size(config.quantization_group_size),
+                self.dtype,
+                prepack=not config.disable_weight_prepack,
+                max_rows=config.quantized_max_rows,
+                ops=ops,
+            )
         if self._openblas and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
             logger.warning(
                 "OpenBLAS matmuls with torch's OpenMP threads spinning are much slower: start the "
@@ -106,16 +136,43 @@ class ModelRunner:
             self.model,
             "triton" if isinstance(self.attn_backend, TritonAttentionBackend) else "torch",
         )
+        self.fused = self._enable_fused_ops(ops)
         logger.info(
-            "model %s loaded: %s (%s matmuls), %d layers, KV pool %d tokens (%.1f MiB), context %d",
+            "model %s loaded: %s, %s matmuls, %s, %s, %s attention; %d layers, KV pool %d tokens "
+            "(%.1f MiB), context %d | CPU %s",
             cfg.architecture,
             str(self.dtype).removeprefix("torch."),
             self.matmul_backend,
+            self.linear_setup.describe() if self.linear_setup else "quantization none",
+            "fused CPU ops" if self.fused else "unfused ops",
+            type(self.attn_backend).__name__,
             cfg.num_layers,
             capacity,
             self.kv_pool.nbytes / 2**20,
             self.context_length,
+            cpu_features().summary(),
         )
+
+    def _enable_fused_ops(self, ops) -> bool:
+        """Turn on the fused C++ ops where they apply: torch-native attention on the CPU, a
+        model variant they cover, and a compiler that could build them."""
+        if (
+            self.config.disable_fused_kernels
+            or not isinstance(self.attn_backend, TorchNativeBackend)
+            or not getattr(self.model, "can_fuse", False)
+            or self.kv_pool.buffer.device.type != "cpu"
+            or ops is None
+        ):
+            return False
+        self.model.fused_ops = ops
+        self.attn_backend.fused_ops = ops
+        return True
+
+    def _lm_head(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of hidden-state rows."""
+        if self.linear_setup is None:
+            return matmul_weight_t(rows, self.model.lm_head_weight, self._openblas).float()
+        return self.linear_setup.lm_head(rows).float()
 
     def _default_capacity(self) -> int:
         per_token = self.model_config.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).itemsize)
@@ -133,13 +190,12 @@ class ModelRunner:
         return self._logits(hidden, batch)
 
     def _logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
-        weight = self.model.lm_head_weight
         next_rows = [i for i, e in enumerate(batch.entries) if e.need_next_logits]
         next_logits = None
         if next_rows:
             last = [batch.extend_starts[i] + batch.extend_lens[i] - 1 for i in next_rows]
             rows = hidden[last] if len(last) != hidden.shape[0] else hidden
-            next_logits = matmul_weight_t(rows, weight, self._openblas).float()
+            next_logits = self._lm_head(rows)
         input_lp: list[InputLogprobs | None] = [None] * batch.batch_size
         spans = [
             (i, batch.extend_starts[i] + e.logprob_start, len(e.logprob_targets))
@@ -168,7 +224,6 @@ class ModelRunner:
         spans: list[tuple[int, int, int]],
         out: list[InputLogprobs | None],
     ) -> None:
-        weight = self.model.lm_head_weight
         rows = torch.cat([torch.arange(start, start + n) for _, start, n in spans])
         targets = torch.tensor([t for i, _, _ in spans for t in batch.entries[i].logprob_targets])
         chosen: list[float] = []
@@ -176,7 +231,7 @@ class ModelRunner:
         want_top = max(batch.entries[i].top_logprobs_num for i, _, _ in spans)
         for lo in range(0, len(rows), self._LOGPROB_ROWS):
             part = slice(lo, lo + self._LOGPROB_ROWS)
-            logits = matmul_weight_t(hidden[rows[part]], weight, self._openblas).float()
+            logits = self._lm_head(hidden[rows[part]])
             norm = torch.logsumexp(logits, -1, keepdim=True)
             chosen += (logits.gather(1, targets[part].unsqueeze(1)) - norm).squeeze(1).tolist()
             if want_top:
@@ -200,6 +255,12 @@ def _matmul_backend(name: str, dtype: torch.dtype) -> str:
     if name == "openblas" and dtype != torch.float32:
         raise ValueError("matmul_backend='openblas' needs --dtype float32")
     return name
+
+
+def _group_size(size: int) -> int:
+    if size not in (32, 64):
+        raise ValueError(f"--quantization-group-size must be 32 or 64, got {size}")
+    return size
 
 
 def _context_length(requested: int | None, cfg: ModelConfig) -> int:

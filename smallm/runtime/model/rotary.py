@@ -47,8 +47,10 @@ class RotaryEmbedding:
         # HF computes the angles in float32; doing the same keeps logits bit-close.
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        self.cos = freqs.cos().to(dtype)
-        self.sin = freqs.sin().to(dtype)
+        # float32 tables [P, D / 2] for the fused kernel, which rotates in float32.
+        self.cos32, self.sin32 = freqs.cos(), freqs.sin()
+        self.cos = self.cos32.to(dtype)
+        self.sin = self.sin32.to(dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, D / 2] for ``positions`` [T]; done once per forward pass and

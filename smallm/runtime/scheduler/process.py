@@ -26,7 +26,8 @@ def run_scheduler_process(args: Any, endpoints: IpcEndpoints, ready_pipe: Any, p
     """Process entry point. Sends ``{"ok": True, ...model info}`` or ``{"ok": False, "error"}``
     through ``ready_pipe`` once loaded; exits non-zero if the loop fails."""
     die_with_parent()
-    prefer_passive_openmp()
+    if args.matmul_backend == "openblas":
+        prefer_passive_openmp()
     setup_worker_logging(args.log_level, "scheduler")
     # SIGINT goes to the whole process group on Ctrl-C; the front end decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
