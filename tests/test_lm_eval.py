@@ -6,8 +6,8 @@ scored three ways on the default model, which must agree item by item (within 1e
 - ``sglang-generate`` on the native ``/generate`` (``input_token_logprobs``);
 - ``hf``: transformers on the same checkpoint, in this process.
 
-The server runs in float32 (``--dtype float32``) like the HF reference, so the scores match to
-float rounding."""
+The server runs its exact path (``exact_server``: dense float32, like the HF reference), so the
+scores match to float rounding."""
 
 from __future__ import annotations
 
@@ -34,14 +34,6 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def fp32_server(default_model_dir):
-    from server_process import ServerProcess
-
-    with ServerProcess(default_model_dir, "--dtype", "float32", "--max-total-tokens", "8192") as s:
-        yield s
-
-
 def _run(tmp_path, model: str, model_args: str) -> tuple[float, dict[int, list[float]]]:
     from lm_eval.tasks import TaskManager
 
@@ -64,8 +56,8 @@ def _run(tmp_path, model: str, model_args: str) -> tuple[float, dict[int, list[f
     return acc, scores
 
 
-def test_lm_eval_backends_agree_with_hf(fp32_server, default_model_dir, tmp_path):
-    url = fp32_server.url
+def test_lm_eval_backends_agree_with_hf(exact_server, default_model_dir, tmp_path):
+    url = exact_server.url
     api_acc, api = _run(
         tmp_path,
         "local-completions",

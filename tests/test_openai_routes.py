@@ -177,7 +177,8 @@ def test_embeddings_match_hf_mean_pooled_last_hidden_state(
         want = torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy()
         got = np.array(item.embedding)
         assert abs(np.linalg.norm(got) - 1) < 1e-4
-        assert np.abs(got - want).max() < 1e-3, text
+        # The tiny server runs the default path (bfloat16 activations): close, not bit-equal.
+        assert float(got @ want) > 0.9999 and np.abs(got - want).max() < 5e-3, text
     total = sum(len(default_tokenizer.encode(t, add_special_tokens=False)) for t in texts)
     assert resp.usage.prompt_tokens == total
     # Again (now with the prompts in the prefix cache), by token ids, and as base64.
