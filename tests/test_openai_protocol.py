@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from smallm.runtime.http import guided
 from smallm.runtime.http import openai_protocol as proto
 from smallm.runtime.http.errors import ApiError
 from smallm.runtime.request_builder import RequestError
@@ -169,8 +170,10 @@ def test_completion_prompt_forms(prompt, text, ids, single):
         ({"prompt": "x", "echo": "yes"}, "echo"),
         ({"prompt": "x", "stream": 1}, "stream"),
         ({"prompt": "x", "stream_options": []}, "stream_options"),
-        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
-        ({"prompt": "x", "regex": "a", "ebnf": "b"}, None),
+        ({"prompt": "x", "logit_bias": {"5": 1000}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": [1]}, "logit_bias"),
+        ({"prompt": "x", "regex": "a", "ebnf": "b"}, "ebnf"),
         ({"prompt": ["a", "b"], "rid": "r"}, "rid"),
         ({"prompt": "a", "rid": 5}, "rid"),
     ],
@@ -232,7 +235,7 @@ def test_chat_messages_normalised():
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "a\nb"},
         {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
+        {"role": "tool", "content": "42", "tool_call_id": "t"},
     ]
 
 
@@ -256,20 +259,26 @@ def test_chat_bad_messages(messages, needle):
     assert e.param == "messages" and needle in e.message
 
 
+def _rf_schema(rf):
+    c = guided.response_format_constraint(rf)
+    return None if c is None else c.spec
+
+
 def test_response_format():
-    assert proto.response_format_schema(None) is None
-    assert proto.response_format_schema({"type": "text"}) is None
-    assert json.loads(proto.response_format_schema({"type": "json_object"})) == {"type": "object"}
+    assert _rf_schema(None) is None
+    assert _rf_schema({"type": "text"}) is None
+    assert json.loads(_rf_schema({"type": "json_object"})) == {"type": "object"}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    assert json.loads(proto.response_format_schema(rf)) == schema
+    assert json.loads(_rf_schema(rf)) == schema
     for rf in (
         "json",
         {"type": "xml"},
         {"type": "json_schema"},
         {"type": "json_schema", "json_schema": {"name": "x"}},
+        {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}},
     ):
-        assert bad(proto.response_format_schema, rf).param == "response_format"
+        assert bad(guided.response_format_constraint, rf).param == "response_format"
 
 
 def chat(body, context_length=1000):
@@ -342,7 +351,7 @@ def test_chat_template_options():
         ({"temperature": -0.5}, "temperature"),
         ({"response_format": {"type": "json"}}, "response_format"),
         ({"response_format": {"type": "json_object"}, "json_schema": "{}"}, "response_format"),
-        ({"response_format": {"type": "json_object"}, "regex": "a"}, None),
+        ({"response_format": {"type": "json_object"}, "regex": "a"}, "response_format"),
     ],
 )
 def test_chat_bad_inputs(body, param):

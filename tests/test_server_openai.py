@@ -231,7 +231,7 @@ def test_response_format_is_accepted(client, model):
         ("chat", {"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
         ("chat", {"max_tokens": 10**6}, "max_tokens"),
         ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"tools": [{"type": "retrieval"}]}, "tools"),
         ("completion", {"prompt": "x", "logprobs": 9}, "logprobs"),
         ("completion", {"prompt": "x", "best_of": 3}, "best_of"),
         ("completion", {"prompt": "x", "suffix": "y"}, "suffix"),

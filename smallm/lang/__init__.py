@@ -43,6 +43,7 @@ from smallm.lang.choices import (
     unconditional_likelihood_normalized,
 )
 from smallm.lang.interpreter import ProgramState, ProgramStateGroup, VariableError
+from smallm.lang.tools import Tool, ToolCall, gen_tool_call, tools_prompt
 
 __all__ = [
     "Backend",
@@ -57,6 +58,8 @@ __all__ = [
     "Runtime",
     "RuntimeEndpoint",
     "SglFunction",
+    "Tool",
+    "ToolCall",
     "VariableError",
     "assistant",
     "assistant_begin",
@@ -66,6 +69,7 @@ __all__ = [
     "gen",
     "gen_int",
     "gen_string",
+    "gen_tool_call",
     "get_default_backend",
     "greedy_token_selection",
     "image",
@@ -75,6 +79,7 @@ __all__ = [
     "system_begin",
     "system_end",
     "token_length_normalized",
+    "tools_prompt",
     "unconditional_likelihood_normalized",
     "user",
     "user_begin",

@@ -46,6 +46,8 @@ class Gen(Expr):
 
     name: str | None
     params: dict[str, Any]
+    # gen_tool_call: the tools the call may name (smallm.lang.tools.Tool), for reading it back.
+    tools: list[Any] | None = None
 
 
 @dataclasses.dataclass(eq=False)

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from smallm.runtime.http.tool_parsers import PARSER_NAMES
 from smallm.runtime.model.model_runner import RunnerConfig
 from smallm.runtime.scheduler.scheduler import SchedulerConfig
 
@@ -53,6 +54,7 @@ class ServerArgs:
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_level: str = "info"
     log_requests: bool = False
+    tool_call_parser: str = "hermes"  # reads tool_choice auto output (see tool_parsers/)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +78,7 @@ class ServerArgs:
             (self.grammar_compile_timeout > 0, "--grammar-compile-timeout must be > 0"),
             (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
             (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
+            (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
         ]  # fmt: skip
         for ok, message in checks:
@@ -271,6 +274,13 @@ class ServerArgs:
         )
         p.add_argument(
             "--log-requests", action="store_true", help="log every request's id, sizes and latency"
+        )
+        p.add_argument(
+            "--tool-call-parser",
+            default=default("tool_call_parser"),
+            choices=list(PARSER_NAMES),
+            help="how tool calls are read from a completion with tool_choice auto "
+            "(hermes: <tool_call>{...}</tool_call>, for ChatML models)",
         )
 
     @classmethod

@@ -26,6 +26,9 @@ class GenerateRequest:
     # Requests of one `n > 1` group share a prompt; the scheduler lets the first prefill it and
     # the others reuse its KV from the prefix cache.
     group: str | None = None
+    # /v1/embeddings: prefill the whole prompt (no cached prefix) and return the mean of its
+    # last hidden states, L2-normalised, in the final TokenOutput's ``embedding``.
+    return_embedding: bool = False
 
 
 @dataclass
@@ -73,6 +76,8 @@ class TokenOutput:
     error: str | None = None
     # Constrained requests: output tokens so far that jump-forward appended without sampling.
     jump_forward_tokens: int | None = None
+    # return_embedding requests: the pooled, normalised prompt embedding (final output only).
+    embedding: list[float] | None = None
     # Sent with a request's first output only: how the detokenizer should render its text.
     params: SamplingParams | None = None
     stream: bool = False

@@ -29,6 +29,7 @@ class ResponseBuilder:
         self.input_logprobs: list[tuple[float | None, int]] | None = None
         self.input_top: list[list[tuple[int, float]] | None] | None = None
         self.finished = False
+        self.embedding: list[float] | None = None
         self._token_text: dict[int, str] = {}
 
     def absorb(self, o: TokenOutput) -> None:
@@ -39,6 +40,8 @@ class ResponseBuilder:
         if o.input_logprobs is not None:
             self.input_logprobs, self.input_top = o.input_logprobs, o.input_top_logprobs
         self.finished = o.finished
+        if o.embedding is not None:
+            self.embedding = o.embedding
 
     @property
     def finish_reason(self) -> dict | None:
@@ -64,7 +67,10 @@ class ResponseBuilder:
             self._add_logprobs(meta)
         if o is not None and o.error and not streaming:
             meta["error"] = o.error
-        return {"text": text, "output_ids": list(self.output_ids), "meta_info": meta}
+        out = {"text": text, "output_ids": list(self.output_ids), "meta_info": meta}
+        if self.embedding is not None:
+            out["embedding"] = self.embedding
+        return out
 
     def _add_logprobs(self, meta: dict[str, Any]) -> None:
         meta["output_token_logprobs"] = [self._entry(lp, t) for lp, t in self.output_logprobs]

@@ -13,10 +13,10 @@ import copy
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from smallm.runtime.ipc import IpcEndpoints
 from smallm.runtime.messages import (
@@ -34,6 +34,7 @@ from smallm.runtime.request_builder import GenerateCall, RequestError, build_req
 from smallm.runtime.response import ResponseBuilder
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ServiceUnavailable(RuntimeError):
@@ -159,6 +160,13 @@ class TokenizerManager:
                 self.info.vocab_size,
                 context_length=self.info.context_length,
             ),
+        )
+
+    async def run_tokenizer(self, fn: Callable[[Any], T]) -> T:
+        """``fn(tokenizer)`` in the tokenize thread, on its own tokenizer copy (so big inputs
+        to /tokenize or a chat render never stall the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, lambda: fn(self._encode_tokenizer)
         )
 
     async def submit(self, msgs: list[GenerateRequest], text_in_logprobs: bool) -> _Group:

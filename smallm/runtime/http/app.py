@@ -67,8 +67,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
+    from smallm.runtime.http.embeddings_api import add_embeddings_routes
     from smallm.runtime.http.native import add_native_routes
     from smallm.runtime.http.openai_api import add_openai_routes
+    from smallm.runtime.http.openapi import add_openapi_route
+    from smallm.runtime.http.responses_api import add_responses_routes
+    from smallm.runtime.http.tokenize_api import add_tokenize_routes
 
     app = web.Application(
         client_max_size=ctx.args.max_request_bytes, middlewares=[_errors, _auth, _drain]
@@ -76,4 +80,8 @@ def build_app(ctx: ServerContext) -> web.Application:
     app[SERVER] = ctx
     add_native_routes(app)
     add_openai_routes(app)
+    add_responses_routes(app)
+    add_embeddings_routes(app)
+    add_tokenize_routes(app)
+    add_openapi_route(app)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from smallm.runtime.config import ServerArgs
+from smallm.runtime.http.tool_parsers import ToolCallParser, get_parser
 from smallm.runtime.metrics import ServerMetrics
 from smallm.runtime.tokenizer_manager import ModelInfo, TokenizerManager
 
@@ -26,6 +27,11 @@ class ServerContext:
     @property
     def healthy(self) -> bool:
         return self.tm.unavailable is None
+
+    @property
+    def tool_parser(self) -> ToolCallParser:
+        """The ``--tool-call-parser`` that reads ``tool_choice: auto`` output."""
+        return get_parser(self.args.tool_call_parser)
 
     @property
     def tokenizer(self) -> Any:

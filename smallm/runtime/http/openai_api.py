@@ -34,7 +34,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[SERVER]
-    oc = proto.chat_call(await read_json(request), ctx.tokenizer, ctx.info.context_length)
+    oc = proto.chat_call(
+        await read_json(request), ctx.tokenizer, ctx.info.context_length, ctx.tool_parser
+    )
     return await _run(request, ctx, oc, "chatcmpl", "chat.completion", proto.chat_choice)
 
 

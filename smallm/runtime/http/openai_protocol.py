@@ -16,11 +16,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from smallm.runtime.http.errors import ApiError
+from smallm.runtime.http.guided import (
+    Constraint,
+    apply_constraint,
+    request_constraints,
+    single_constraint,
+)
+from smallm.runtime.http.tool_calls import (
+    ToolOutput,
+    ToolRequest,
+    constraint_schema,
+    enforced_calls,
+    fallback_messages,
+    history_calls,
+    message_fields,
+    template_takes_tools,
+    tool_request,
+)
+from smallm.runtime.http.tool_parsers import ToolCallParser, get_parser
+from smallm.runtime.http.tool_stream import ToolStream
 from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 
 # OpenAI fields that are native sampling params under the same name, and SGLang's native extras.
-_SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty")
+_SAME_NAME = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
 NATIVE_EXTRAS = (
     "top_k",
     "min_p",
@@ -34,7 +62,7 @@ NATIVE_EXTRAS = (
     "spaces_between_special_tokens",
     "no_stop_trim",
 )
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 _MEDIA_PARTS = ("image_url", "input_audio", "image", "audio", "video", "video_url", "file")
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -120,9 +148,6 @@ def _check_shared(body: dict) -> None:
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise _bad("stream", f"stream must be true or false, got {body['stream']!r}")
     opt_dict(body, "stream_options")
-    bias = body.get("logit_bias")
-    if bias:
-        raise _bad("logit_bias", "logit_bias is not supported")
 
 
 @dataclass
@@ -137,6 +162,8 @@ class OpenAICall:
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     logprobs: int | None = None  # completions: top-N (0..5); chat: top_logprobs when enabled
     prompt_text: str | None = None  # chat: the rendered prompt
+    tools: ToolRequest | None = None  # chat with tools that may be called (not choice none)
+    parser: ToolCallParser | None = None  # the server's --tool-call-parser
 
 
 def _names(max_tokens_name: str, prompt_name: str) -> dict[str, str]:
@@ -188,7 +215,11 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
             "or a list of token-id lists",
         )
     if body.get("suffix"):
-        raise _bad("suffix", "suffix is not supported")
+        raise _bad(
+            "suffix",
+            "suffix (fill-in-the-middle) is not supported: the served models have no "
+            "insertion mode; send the text before the gap as the prompt",
+        )
     n = opt_int(body, "n", 1, MAX_N) or 1
     best_of = opt_int(body, "best_of", 1)
     if best_of is not None and best_of != n:
@@ -196,6 +227,7 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
     logprobs = opt_int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     echo = opt_bool(body, "echo")
     max_tokens = opt_int(body, "max_tokens", 0)
+    body = _constrained_body(body, None, names)
     sp = native_sampling_params(body, 16 if max_tokens is None else max_tokens, names)
     call = GenerateCall(
         text=text,
@@ -229,8 +261,9 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
 # ---- /v1/chat/completions ---------------------------------------------------------------
 
 
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """The messages as ``{"role", "content": str}`` dicts for the chat template."""
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages as ``{"role", "content": str}`` dicts for the chat template; an assistant
+    message keeps its ``tool_calls`` and a tool result its ``tool_call_id`` / ``name``."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "messages is required: a non-empty list of message objects")
     out = []
@@ -242,12 +275,19 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             roles = ", ".join(CHAT_ROLES)
             raise _bad("messages", f"{where}.role must be one of {roles}, got {role!r}")
-        out.append(
-            {
-                "role": "system" if role == "developer" else role,
-                "content": _content_text(m.get("content"), where),
-            }
-        )
+        msg: dict[str, Any] = {
+            "role": {"developer": "system", "function": "tool"}.get(role, role),
+            "content": _content_text(m.get("content"), where),
+        }
+        if role == "assistant":
+            calls = history_calls(m, where)
+            if calls:
+                msg["tool_calls"] = calls
+        elif role in ("tool", "function"):
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -269,34 +309,20 @@ def _content_text(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
-def response_format_schema(rf: Any) -> str | None:
-    """The native ``json_schema`` string for a chat ``response_format`` (None: free text)."""
-    if rf is None:
-        return None
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json.dumps({"type": "object"})
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
-        if not isinstance(schema, (dict, bool)):
-            raise _bad(
-                "response_format",
-                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
-            )
-        return json.dumps(schema)
-    raise _bad(
-        "response_format",
-        "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
-        f"{{'type': 'json_schema', 'json_schema': {{...}}}}, got {rf!r}",
-    )
-
-
-def render_chat_prompt(tokenizer: Any, body: dict, messages: list[dict[str, str]]) -> str:
+def render_chat_prompt(
+    tokenizer: Any,
+    body: dict,
+    messages: list[dict[str, Any]],
+    tools: ToolRequest | None = None,
+    parser: ToolCallParser | None = None,
+) -> str:
     """The chat template applied to ``messages`` (honours ``add_generation_prompt``,
-    ``continue_final_message`` and ``chat_template_kwargs``)."""
+    ``continue_final_message`` and ``chat_template_kwargs``).
+
+    Tools (unless ``tool_choice`` is none) go through the template's ``tools`` argument when
+    the template reads one, else through the parser's system-prompt fallback, which also
+    rewrites earlier tool calls and results as text the template can print.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise _bad("messages", "this model's tokenizer has no chat template; use /v1/completions")
     cont = opt_bool(body, "continue_final_message")
@@ -311,38 +337,67 @@ def render_chat_prompt(tokenizer: Any, body: dict, messages: list[dict[str, str]
     }
     if cont:
         kwargs["continue_final_message"] = True
+    listed = [t.as_openai() for t in tools.tools] if tools and tools.choice != "none" else None
+    has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if template_takes_tools(tokenizer):
+        if listed:
+            kwargs["tools"] = listed
+    elif listed or has_tool_turns:
+        messages = fallback_messages(messages, listed, parser or get_parser("hermes"))
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as e:  # jinja2 TemplateError, or a template's raise_exception
         raise _bad("messages", f"the chat template rejected the messages: {e}") from None
 
 
-def chat_call(body: Any, tokenizer: Any, context_length: int) -> OpenAICall:
-    """Check a ``/v1/chat/completions`` body, render and tokenize it, and build its call."""
+def _constrained_body(body: dict, tools: ToolRequest | None, names: dict[str, str]) -> dict:
+    """``body`` with its one output constraint (any spelling, or an enforced tool choice) as
+    the native grammar field; ``names`` learns the client's name for it."""
+    found = request_constraints(body)
+    if tools is not None and tools.enforced:
+        param = "function_call" if tools.legacy else "tool_choice"
+        if found:
+            raise _bad(
+                param,
+                f"{param} {tools.choice} is enforced with the tool's JSON schema; it cannot be "
+                f"combined with {found[0].source}",
+            )
+        found.append(Constraint("json_schema", json.dumps(constraint_schema(tools)), param))
+    c = single_constraint(found)
+    if c is not None:
+        names[c.native] = c.source
+    return apply_constraint(body, c)
+
+
+def chat_call(
+    body: Any, tokenizer: Any, context_length: int, parser: ToolCallParser | None = None
+) -> OpenAICall:
+    """Check a ``/v1/chat/completions`` body, render and tokenize it, and build its call.
+
+    ``parser`` is the server's ``--tool-call-parser`` (for ``tool_choice: auto``).
+    """
     body = _base(body)
     messages = chat_messages(body.get("messages"))
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if (tools or body.get("functions")) and choice != "none":
-        raise _bad("tools", "tools are not supported (send tool_choice 'none' or no tools)")
+    tools = tool_request(body)
     logprobs = opt_bool(body, "logprobs")
     top = opt_int(body, "top_logprobs", 0, MAX_CHAT_TOP_LOGPROBS)
     if top and not logprobs:
         raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
-    schema = response_format_schema(body.get("response_format"))
     n = opt_int(body, "n", 1, MAX_N) or 1
     limit_name = "max_tokens"
     if body.get("max_completion_tokens") is not None:
+        # OpenAI's newer name wins over the deprecated max_tokens, as in OpenAI's API.
         limit_name = "max_completion_tokens"
     max_tokens = opt_int(body, limit_name, 0)
     names = _names(limit_name, "messages")
-    if schema is not None:
-        if body.get("json_schema") is not None:
-            raise _bad("response_format", "give response_format or json_schema, not both")
-        body = {**body, "json_schema": schema}
-        names["json_schema"] = "response_format"
+    body = _constrained_body(body, tools, names)
+    if tools is not None and tools.choice == "auto" and parser is None:
+        raise _bad("tool_choice", "tool_choice auto needs a server started with --tool-call-parser")
+    if tools is not None and tools.choice == "auto" and parser.needs_special_tokens:  # type: ignore[union-attr]
+        body.setdefault("skip_special_tokens", False)  # the parser must see its marker token
     # Validate the sampling fields before the (costlier) template rendering.
     native_sampling_params(body, max_tokens, names)
-    prompt = render_chat_prompt(tokenizer, body, messages)
+    prompt = render_chat_prompt(tokenizer, body, messages, tools, parser)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if max_tokens is None:  # the rest of the context (too-long prompts fail in prepare)
         max_tokens = max(context_length - len(ids), 1)
@@ -364,6 +419,8 @@ def chat_call(body: Any, tokenizer: Any, context_length: int) -> OpenAICall:
         names=names,
         logprobs=(top or 0) if logprobs else None,
         prompt_text=prompt,
+        tools=tools if tools is not None and tools.choice != "none" else None,
+        parser=parser,
     )
 
 
@@ -447,13 +504,32 @@ def completion_choice(index: int, result: dict, oc: OpenAICall) -> dict:
     }
 
 
+def tool_output(oc: OpenAICall, text: str) -> ToolOutput:
+    """A finished chat completion as content and tool calls (the text unchanged if it holds
+    no well-formed call, e.g. an enforced call cut short by max_tokens)."""
+    tools = oc.tools
+    if tools is None:
+        return ToolOutput(text)
+    if tools.enforced:
+        calls = enforced_calls(tools, text)
+        return ToolOutput(None, calls) if calls else ToolOutput(text)
+    assert oc.parser is not None
+    result = oc.parser.parse(text)
+    # Without parallel calls only the first one is answered (the model wrote several anyway).
+    calls = result.calls if tools.parallel else result.calls[:1]
+    return ToolOutput(result.content, calls)
+
+
 def chat_choice(index: int, result: dict, oc: OpenAICall) -> dict:
     meta = result["meta_info"]
     reason, matched = finish_reason(meta)
     logprobs = chat_logprobs(meta, oc.logprobs) if oc.logprobs is not None else None
+    out = tool_output(oc, result["text"])
+    if out.calls:
+        reason = "function_call" if oc.tools.legacy else "tool_calls"  # type: ignore[union-attr]
     return {
         "index": index,
-        "message": {"role": "assistant", "content": result["text"]},
+        "message": message_fields(out, oc.tools is not None and oc.tools.legacy),
         "logprobs": logprobs,
         "finish_reason": reason,
         "matched_stop": matched,
@@ -487,6 +563,7 @@ class StreamState:
         self.sent_tokens: dict[int, int] = {}
         self.offsets: dict[int, int] = {}
         self.finals: dict[int, dict] = {}
+        self.tool_streams: dict[int, ToolStream] = {}
 
     def _chunk(self, index: int, finish: str | None = None, **fields: Any) -> dict:
         choice = {"index": index, **fields, "finish_reason": finish}
@@ -530,11 +607,26 @@ class StreamState:
         logprobs = None
         if self.oc.logprobs is not None:
             logprobs = chat_logprobs(meta, self.oc.logprobs, start)
-        if delta or (logprobs and logprobs["content"]):
-            out.append(self._chunk(index, delta={"content": delta}, logprobs=logprobs))
+        if self.oc.tools is not None:
+            deltas = self._tool_deltas(index, reason is not None)
+        else:
+            deltas = [{"content": delta}] if delta else []
+        if not deltas and logprobs and logprobs["content"]:
+            deltas = [{}]  # the logprobs of held-back text still go out as they come
+        for i, d in enumerate(deltas):
+            out.append(self._chunk(index, delta=d, logprobs=logprobs if i == 0 else None))
         if reason is not None:
+            stream = self.tool_streams.get(index)
+            if stream is not None and stream.called:
+                reason = "function_call" if self.oc.tools.legacy else "tool_calls"  # type: ignore[union-attr]
             out.append(self._chunk(index, reason, delta={}, logprobs=None, matched_stop=matched))
         return out
+
+    def _tool_deltas(self, index: int, finished: bool) -> list[dict]:
+        stream = self.tool_streams.get(index)
+        if stream is None:
+            stream = self.tool_streams[index] = ToolStream(self.oc.tools, self.oc.parser)  # type: ignore[arg-type]
+        return stream.update(self.sent_text[index], finished)
 
     def usage_chunk(self) -> dict:
         results = [self.finals[i] for i in sorted(self.finals)]

@@ -29,6 +29,8 @@ class BatchEntry:
     top_logprobs_num: int = 0
     # False for a chunk of a prompt whose last position nobody samples from.
     need_next_logits: bool = True
+    # Embedding requests: also return the sum of this extend's last hidden states.
+    pool_hidden: bool = False
 
 
 @dataclass

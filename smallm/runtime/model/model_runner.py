@@ -73,6 +73,8 @@ class LogitsOutput:
     next_token_logits: torch.Tensor | None
     next_rows: list[int]  # which batch entries those rows belong to
     input_logprobs: list[InputLogprobs | None]  # per batch entry
+    # Per batch entry with pool_hidden: the float32 sum of its extend's last hidden states.
+    hidden_sums: list[torch.Tensor | None] | None = None
 
 
 class ModelRunner:
@@ -202,7 +204,13 @@ class ModelRunner:
         ]
         if spans:
             self._input_logprobs(hidden, batch, spans, input_lp)
-        return LogitsOutput(next_logits, next_rows, input_lp)
+        sums = None
+        if any(e.pool_hidden for e in batch.entries):
+            sums = [
+                hidden[s : s + n].float().sum(dim=0) if e.pool_hidden else None
+                for e, s, n in zip(batch.entries, batch.extend_starts, batch.extend_lens)
+            ]
+        return LogitsOutput(next_logits, next_rows, input_lp, sums)
 
     # Rows of prompt logprobs projected at once: one pass over the LM head's weight serves a
     # whole chunk (per request, a select's 600 short prompts re-read it 600 times), while the

@@ -133,7 +133,7 @@ class SamplingBatchInfo:
     Logit processing is stored as flat indices into ``logits.view(-1)`` (``row * V + token``)
     so each kind is one vectorised op whatever the batch: ``repetition_*`` (HF semantics, over
     prompt + output), then ``additive_*`` (OpenAI frequency/presence, output only, subtracted),
-    then ``banned_index`` (EOS and stop ids while below min_new_tokens, set to -inf), then
+    then ``bias_*`` (OpenAI logit_bias, added), then ``banned_index`` (EOS and stop ids while below min_new_tokens, set to -inf), then
     ``vocab_mask``.
     """
 
@@ -159,6 +159,9 @@ class SamplingBatchInfo:
     additive_index: torch.Tensor | None = None
     additive_delta: torch.Tensor | None = None
     banned_index: torch.Tensor | None = None
+    # OpenAI logit_bias of every row that has one, flat like the penalties: added.
+    bias_index: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
     seeds: list[int | None] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # tokens generated so far per row
     seeded_rows: torch.Tensor | None = None
@@ -177,6 +180,7 @@ class SamplingBatchInfo:
             self.repetition_index is not None
             or self.additive_index is not None
             or self.banned_index is not None
+            or self.bias_index is not None
             or self.vocab_mask is not None
         )
 
@@ -279,6 +283,8 @@ class SamplingBatchInfo:
             info._set_repetition(params, rep_rows, output_ids, prompt_ids)
         if add_rows:
             info._set_additive(params, add_rows, output_ids)
+        if any(p.logit_bias for p in params):
+            info._set_bias(params)
         if ban_rows:
             info._set_banned(params, ban_rows, eos)
         if return_logprob is not None:
@@ -322,6 +328,17 @@ class SamplingBatchInfo:
         row = flat // self.vocab_size
         self.additive_index = torch.from_numpy(flat)
         self.additive_delta = torch.from_numpy(freq[row] * counts.astype(np.float32) + pres[row])
+
+    def _set_bias(self, params: Sequence[SamplingParams]) -> None:
+        index, values = [], []
+        for i, p in enumerate(params):
+            for tok, bias in (p.logit_bias or {}).items():
+                if 0 <= tok < self.vocab_size:
+                    index.append(i * self.vocab_size + tok)
+                    values.append(bias)
+        if index:
+            self.bias_index = torch.tensor(index, dtype=torch.int64)
+            self.bias_values = torch.tensor(values, dtype=torch.float32)
 
     def _set_banned(
         self, params: Sequence[SamplingParams], rows: list[int], eos: list[int]

@@ -71,6 +71,22 @@ def _as_opt_int(name: str, value: Any) -> int | None:
     return None if value is None else _as_int(name, value)
 
 
+def _as_bias(name: str, value: Any) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token id (JSON object keys are strings) -> bias."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SamplingParamsError(f"{name} must be an object mapping token ids to numbers")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise SamplingParamsError(f"{name} keys must be token ids, got {key!r}") from None
+        out[token] = _as_float(name, bias)
+    return out or None
+
+
 _INT_FIELDS = ("max_new_tokens", "min_new_tokens", "n", "top_k")
 _FLOAT_FIELDS = (
     "temperature",
@@ -96,6 +112,7 @@ _COERCE = {
     "stop": _as_str_list,
     "stop_token_ids": _as_int_list,
     "seed": _as_opt_int,
+    "logit_bias": _as_bias,
 }
 
 
@@ -127,6 +144,8 @@ class SamplingParams:
     json_schema: str | None = None
     ebnf: str | None = None
     seed: int | None = None
+    # Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).
+    logit_bias: dict[int, float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -193,6 +212,14 @@ class SamplingParams:
         if len(grammars) > 1:
             raise SamplingParamsError(
                 f"at most one of regex/json_schema/ebnf may be set, got {', '.join(grammars)}"
+            )
+        for tok, bias in (self.logit_bias or {}).items():
+            _check(-100.0 <= bias <= 100.0, "logit_bias", "values must be in [-100, 100]", bias)
+            _check(
+                tok >= 0 and (vocab_size is None or tok < vocab_size),
+                "logit_bias",
+                "keys must be token ids in the vocabulary",
+                tok,
             )
         if vocab_size is not None:
             for tok in self.stop_token_ids:

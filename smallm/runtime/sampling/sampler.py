@@ -111,6 +111,8 @@ class Sampler:
             flat[info.repetition_index] = torch.where(seen > 0, seen / factor, seen * factor)
         if info.additive_index is not None:
             flat.index_add_(0, info.additive_index, info.additive_delta, alpha=-1.0)
+        if info.bias_index is not None:
+            flat.index_add_(0, info.bias_index, info.bias_values)
         if info.banned_index is not None:
             flat.index_fill_(0, info.banned_index, float("-inf"))
         if info.vocab_mask is not None:

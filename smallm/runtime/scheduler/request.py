@@ -46,6 +46,8 @@ class Req:
     input_logprobs: list[tuple[float | None, int]] | None = None
     input_top: list[list[tuple[int, float]] | None] | None = None
     input_logprobs_sent: bool = False
+    hidden_sum: Any = None  # return_embedding: running sum of the prompt's last hidden states
+    embedding: list[float] | None = None  # ... and, once the prompt is prefilled, the result
     grammar: Any = None  # its constrained-decoding matcher (smallm.runtime.constrained.Grammar)
     jump_forward_tokens: int = 0  # output tokens appended by jump-forward, not sampled
     first_output_sent: bool = False  # the first output carries the params the detokenizer needs

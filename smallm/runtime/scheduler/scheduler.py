@@ -299,6 +299,9 @@ class Scheduler:
         limit = len(ids) - 1
         if r.wants_input_logprobs and r.input_logprobs is None:
             limit = min(limit, self._logprob_start(r))
+        if r.msg.return_embedding and r.embedding is None:
+            limit = 0  # every prompt position's hidden state is needed: reuse no cached KV
+            r.hidden_sum = None  # (re)admitted: the whole prompt is prefilled again
         match = self.cache.match_prefix(ids[:limit])
         need = len(ids) - len(match.slots) + self._reserve(r)
         committed = sum(self._reserve(o) + o.seq_len - o.kv_len for o in self.running)
@@ -333,6 +336,7 @@ class Scheduler:
         entry = BatchEntry(
             r.req_pool_index, start, ids[start:end], need_next_logits=end == len(ids)
         )
+        entry.pool_hidden = r.msg.return_embedding and r.embedding is None
         if r.wants_input_logprobs and r.input_logprobs is None:
             first = max(start, self._logprob_start(r))
             last = min(end, len(r.prompt_ids) - 1)  # positions that predict a prompt token
@@ -361,11 +365,18 @@ class Scheduler:
             lp = result.input_logprobs[i]
             if r.wants_input_logprobs and r.input_logprobs is None:
                 self._collect_input_logprobs(r, e, lp)
+            if e.pool_hidden and result.hidden_sums is not None:
+                part = result.hidden_sums[i]
+                r.hidden_sum = part if r.hidden_sum is None else r.hidden_sum + part
             # Put the computed prefix into the cache now, so siblings and requests sharing it
             # reuse it, and chunked prompts never hold more than one chunk privately.
             self._cache_progress(r)
             if r.kv_len == r.seq_len:
                 self._finish_input_logprobs(r)
+                if r.msg.return_embedding and r.embedding is None and r.hidden_sum is not None:
+                    mean = r.hidden_sum / len(r.prompt_ids)
+                    r.embedding = (mean / mean.norm().clamp(min=1e-12)).tolist()
+                    r.hidden_sum = None
                 if r.max_new_tokens == 0:
                     r.finish_reason = {"type": "length", "length": 0}
                 else:
@@ -511,6 +522,8 @@ class Scheduler:
         if self._input_logprobs_due(r):
             o.input_logprobs, o.input_top_logprobs = r.input_logprobs, r.input_top
             r.input_logprobs_sent = True
+        if r.finish_reason is not None and r.embedding is not None:
+            o.embedding = r.embedding
         if not r.first_output_sent:
             o.params, o.stream = r.msg.params, r.msg.stream
             r.first_output_sent = True
