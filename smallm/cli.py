@@ -40,7 +40,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     from smallm.runtime.config import ServerArgs
-    from smallm.runtime.launch import launch_server
+    from smallm.runtime.server.launch import launch_server
 
     try:
         args = ServerArgs.from_cli_args(ns)

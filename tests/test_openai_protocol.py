@@ -1,4 +1,4 @@
-"""OpenAI <-> native conversions (smallm.runtime.http.openai_protocol), without a server."""
+"""OpenAI <-> native conversions (smallm.runtime.server.http.openai_protocol), without a server."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from smallm.runtime.http import guided
-from smallm.runtime.http import openai_protocol as proto
-from smallm.runtime.http.errors import ApiError
 from smallm.runtime.request_builder import RequestError
 from smallm.runtime.sampling import SamplingParamsError
+from smallm.runtime.server.http import guided
+from smallm.runtime.server.http import openai_protocol as proto
+from smallm.runtime.server.http.errors import ApiError
 
 
 class FakeTokenizer:

@@ -8,10 +8,10 @@ import json
 import jsonschema
 import pytest
 
-from smallm.runtime.http import tool_calls as tc
-from smallm.runtime.http.errors import ApiError
-from smallm.runtime.http.tool_parsers import PARSER_NAMES, ParsedCall, get_parser
-from smallm.runtime.http.tool_stream import ToolStream
+from smallm.runtime.server.http import tool_calls as tc
+from smallm.runtime.server.http.errors import ApiError
+from smallm.runtime.server.http.tool_parsers import PARSER_NAMES, ParsedCall, get_parser
+from smallm.runtime.server.http.tool_stream import ToolStream
 
 WEATHER = {
     "type": "function",
@@ -241,7 +241,7 @@ TOOLS_TEMPLATE = (
 def test_template_with_tools_gets_them_directly(default_tokenizer):
     import copy
 
-    from smallm.runtime.http import openai_protocol as proto
+    from smallm.runtime.server.http import openai_protocol as proto
 
     tok = copy.deepcopy(default_tokenizer)
     tok.chat_template = TOOLS_TEMPLATE

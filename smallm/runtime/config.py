@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from smallm.runtime.http.tool_parsers import PARSER_NAMES
-from smallm.runtime.model.model_runner import RunnerConfig
-from smallm.runtime.scheduler.scheduler import SchedulerConfig
+from smallm.runtime.model.runner_config import RunnerConfig
+from smallm.runtime.scheduler.config import SchedulerConfig
+from smallm.runtime.server.http.tool_parsers import PARSER_NAMES
 
 
 @dataclass

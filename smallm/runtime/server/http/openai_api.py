@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from smallm.runtime.http import openai_protocol as proto
-from smallm.runtime.http.context import SERVER, ServerContext
-from smallm.runtime.http.errors import ApiError, error_body, read_json
-from smallm.runtime.http.sse import DONE, event, open_stream
 from smallm.runtime.request_builder import RequestError
 from smallm.runtime.sampling import SamplingParamsError
-from smallm.runtime.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.http import openai_protocol as proto
+from smallm.runtime.server.http.context import SERVER, ServerContext
+from smallm.runtime.server.http.errors import ApiError, error_body, read_json
+from smallm.runtime.server.http.sse import DONE, event, open_stream
+from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
 
 OWNED_BY = "sglang"  # routers tell SGLang-API workers apart by it (COMPAT.md)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smallm.runtime.constrained.regex_utils import choices_regex
-from smallm.runtime.http.errors import ApiError
+from smallm.runtime.server.http.errors import ApiError
 
 
 @dataclass

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from smallm.runtime.http.context import SERVER, ServerContext
-from smallm.runtime.http.errors import ApiError, error_response
 from smallm.runtime.request_builder import RequestError, error_param
 from smallm.runtime.sampling import SamplingParamsError
-from smallm.runtime.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.http.context import SERVER, ServerContext
+from smallm.runtime.server.http.errors import ApiError, error_response
+from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
-    from smallm.runtime.http.embeddings_api import add_embeddings_routes
-    from smallm.runtime.http.native import add_native_routes
-    from smallm.runtime.http.openai_api import add_openai_routes
-    from smallm.runtime.http.openapi import add_openapi_route
-    from smallm.runtime.http.responses_api import add_responses_routes
-    from smallm.runtime.http.tokenize_api import add_tokenize_routes
+    from smallm.runtime.server.http.embeddings_api import add_embeddings_routes
+    from smallm.runtime.server.http.native import add_native_routes
+    from smallm.runtime.server.http.openai_api import add_openai_routes
+    from smallm.runtime.server.http.openapi import add_openapi_route
+    from smallm.runtime.server.http.responses_api import add_responses_routes
+    from smallm.runtime.server.http.tokenize_api import add_tokenize_routes
 
     app = web.Application(
         client_max_size=ctx.args.max_request_bytes, middlewares=[_errors, _auth, _drain]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from smallm.runtime.http.tool_parsers.base import (
+from smallm.runtime.server.http.tool_parsers.base import (
     LeadingParser,
     ParsedCall,
     ParseResult,

@@ -15,14 +15,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from smallm.runtime.http.errors import ApiError
-from smallm.runtime.http.guided import (
+from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
+from smallm.runtime.sampling import SamplingParams, SamplingParamsError
+from smallm.runtime.server.http.errors import ApiError
+from smallm.runtime.server.http.guided import (
     Constraint,
     apply_constraint,
     request_constraints,
     single_constraint,
 )
-from smallm.runtime.http.tool_calls import (
+from smallm.runtime.server.http.tool_calls import (
     ToolOutput,
     ToolRequest,
     constraint_schema,
@@ -33,10 +35,8 @@ from smallm.runtime.http.tool_calls import (
     template_takes_tools,
     tool_request,
 )
-from smallm.runtime.http.tool_parsers import ToolCallParser, get_parser
-from smallm.runtime.http.tool_stream import ToolStream
-from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
-from smallm.runtime.sampling import SamplingParams, SamplingParamsError
+from smallm.runtime.server.http.tool_parsers import ToolCallParser, get_parser
+from smallm.runtime.server.http.tool_stream import ToolStream
 
 # OpenAI fields that are native sampling params under the same name, and SGLang's native extras.
 _SAME_NAME = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from smallm.runtime.http.tool_parsers.base import (
+from smallm.runtime.server.http.tool_parsers.base import (
     MarkerParser,
     ParsedCall,
     ParseResult,

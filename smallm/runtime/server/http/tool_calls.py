@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from smallm.runtime.http.errors import ApiError
-from smallm.runtime.http.tool_parsers import ParsedCall, ToolCallParser
+from smallm.runtime.server.http.errors import ApiError
+from smallm.runtime.server.http.tool_parsers import ParsedCall, ToolCallParser
 
 _CHOICES = ("none", "auto", "required")
 

@@ -16,11 +16,11 @@ import uuid
 
 from aiohttp import web
 
-from smallm.runtime.http import openai_protocol as proto
-from smallm.runtime.http.context import SERVER
-from smallm.runtime.http.errors import ApiError, read_json
 from smallm.runtime.request_builder import GenerateCall, RequestError, is_list_of
 from smallm.runtime.sampling import SamplingParamsError
+from smallm.runtime.server.http import openai_protocol as proto
+from smallm.runtime.server.http.context import SERVER
+from smallm.runtime.server.http.errors import ApiError, read_json
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-from smallm.runtime.http.tool_parsers.base import ParsedCall, ParseResult, ToolCallParser
-from smallm.runtime.http.tool_parsers.hermes import HermesParser, Qwen25Parser
-from smallm.runtime.http.tool_parsers.json_parser import JsonParser
-from smallm.runtime.http.tool_parsers.llama3 import Llama3Parser
-from smallm.runtime.http.tool_parsers.mistral import MistralParser
-from smallm.runtime.http.tool_parsers.pythonic import PythonicParser
+from smallm.runtime.server.http.tool_parsers.base import ParsedCall, ParseResult, ToolCallParser
+from smallm.runtime.server.http.tool_parsers.hermes import HermesParser, Qwen25Parser
+from smallm.runtime.server.http.tool_parsers.json_parser import JsonParser
+from smallm.runtime.server.http.tool_parsers.llama3 import Llama3Parser
+from smallm.runtime.server.http.tool_parsers.mistral import MistralParser
+from smallm.runtime.server.http.tool_parsers.pythonic import PythonicParser
 
 __all__ = ["PARSER_NAMES", "ParseResult", "ParsedCall", "ToolCallParser", "get_parser"]
 

@@ -10,7 +10,7 @@ import ast
 import json
 from typing import Any
 
-from smallm.runtime.http.tool_parsers.base import LeadingParser, ParsedCall, ParseResult
+from smallm.runtime.server.http.tool_parsers.base import LeadingParser, ParsedCall, ParseResult
 
 
 class PythonicParser(LeadingParser):

@@ -13,11 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
-from smallm.runtime.http import openai_protocol as proto
-from smallm.runtime.http.context import SERVER
-from smallm.runtime.http.errors import ApiError, read_json
-from smallm.runtime.http.tool_calls import tool_request
 from smallm.runtime.request_builder import is_list_of
+from smallm.runtime.server.http import openai_protocol as proto
+from smallm.runtime.server.http.context import SERVER
+from smallm.runtime.server.http.errors import ApiError, read_json
+from smallm.runtime.server.http.tool_calls import tool_request
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from smallm.runtime.config import ServerArgs
-from smallm.runtime.http.tool_parsers import ToolCallParser, get_parser
 from smallm.runtime.metrics import ServerMetrics
-from smallm.runtime.tokenizer_manager import ModelInfo, TokenizerManager
+from smallm.runtime.server.http.tool_parsers import ToolCallParser, get_parser
+from smallm.runtime.server.tokenizer_manager import ModelInfo, TokenizerManager
 
 
 @dataclass

@@ -10,12 +10,12 @@ import time
 from aiohttp import web
 
 from smallm import __version__
-from smallm.runtime.http.context import SERVER, ServerContext
-from smallm.runtime.http.errors import ApiError, error_body, read_json
-from smallm.runtime.http.sse import DONE, event, open_stream
 from smallm.runtime.metrics import CONTENT_TYPE
 from smallm.runtime.request_builder import GenerateCall
-from smallm.runtime.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.http.context import SERVER, ServerContext
+from smallm.runtime.server.http.errors import ApiError, error_body, read_json
+from smallm.runtime.server.http.sse import DONE, event, open_stream
+from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from smallm.runtime.http import openai_protocol as proto
-from smallm.runtime.http.context import SERVER, ServerContext
-from smallm.runtime.http.errors import ApiError, error_body, read_json
-from smallm.runtime.http.sse import open_stream
 from smallm.runtime.request_builder import RequestError
 from smallm.runtime.sampling import SamplingParamsError
-from smallm.runtime.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.http import openai_protocol as proto
+from smallm.runtime.server.http.context import SERVER, ServerContext
+from smallm.runtime.server.http.errors import ApiError, error_body, read_json
+from smallm.runtime.server.http.sse import open_stream
+from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
 
 # Chat fields a Responses error may name, and the Responses field the client sent instead.
 _PUBLIC = {

@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-from smallm.runtime.http.tool_calls import ToolRequest, enforced_calls, new_call_id
-from smallm.runtime.http.tool_parsers import ParsedCall, ToolCallParser
+from smallm.runtime.server.http.tool_calls import ToolRequest, enforced_calls, new_call_id
+from smallm.runtime.server.http.tool_parsers import ParsedCall, ToolCallParser
 
 
 class ToolStream:

@@ -79,8 +79,8 @@ def launch_server(args: ServerArgs) -> int:
 
 
 def _start_workers(args: ServerArgs, endpoints: IpcEndpoints) -> list[_Worker]:
-    from smallm.runtime.detokenizer import run_detokenizer_process
     from smallm.runtime.scheduler.process import run_scheduler_process
+    from smallm.runtime.server.detokenizer import run_detokenizer_process
 
     ctx = mp.get_context("spawn")
     workers = []
@@ -140,11 +140,11 @@ def _run_http(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worker],
 async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worker], info: dict):
     from aiohttp import web
 
-    from smallm.runtime.http.app import build_app
-    from smallm.runtime.http.context import ServerContext
     from smallm.runtime.metrics import ServerMetrics
+    from smallm.runtime.server.http.app import build_app
+    from smallm.runtime.server.http.context import ServerContext
+    from smallm.runtime.server.tokenizer_manager import ModelInfo, TokenizerManager
     from smallm.runtime.tokenizer import load_tokenizer
-    from smallm.runtime.tokenizer_manager import ModelInfo, TokenizerManager
 
     tokenizer_path = args.tokenizer_path or args.model_path
     tokenizer = load_tokenizer(tokenizer_path, args.chat_template)
