@@ -122,7 +122,25 @@ class SchedulerStats:
     num_grammar_queue_reqs: int = 0
     num_retractions: int = 0
     forward_steps: int = 0
+    dp_rank: int = 0  # which replica (--dp-size) sent it
 
     @property
     def token_usage(self) -> float:
         return self.num_used_tokens / self.max_total_tokens if self.max_total_tokens else 0.0
+
+    @classmethod
+    def combined(cls, parts: list[SchedulerStats]) -> SchedulerStats:
+        """All replicas' gauges as one server's (sums; the hit rate weighted by capacity)."""
+        total = sum(p.max_total_tokens for p in parts)
+        hit = sum(p.cache_hit_rate * p.max_total_tokens for p in parts) / total if total else 0.0
+        return cls(
+            num_running_reqs=sum(p.num_running_reqs for p in parts),
+            num_queue_reqs=sum(p.num_queue_reqs for p in parts),
+            num_used_tokens=sum(p.num_used_tokens for p in parts),
+            max_total_tokens=total,
+            cache_hit_rate=hit,
+            gen_throughput=sum(p.gen_throughput for p in parts),
+            num_grammar_queue_reqs=sum(p.num_grammar_queue_reqs for p in parts),
+            num_retractions=sum(p.num_retractions for p in parts),
+            forward_steps=sum(p.forward_steps for p in parts),
+        )

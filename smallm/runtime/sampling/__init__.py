@@ -32,7 +32,17 @@ _WHERE = {
     "Sampler": "sampler",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "SampleOutput",
+    "Sampler",
+    "SamplingBatchInfo",
+    "SamplingParams",
+    "SamplingParamsError",
+    "apply_token_bitmask_",
+    "bitmask_words",
+    "pack_token_bitmask",
+    "seeded_uniform",
+]
 
 
 def __getattr__(name: str) -> Any:

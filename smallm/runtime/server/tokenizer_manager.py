@@ -111,7 +111,8 @@ class TokenizerManager:
         self.metrics = metrics
         self.log_requests = log_requests
         self.states: dict[str, _ReqState] = {}
-        self.stats: SchedulerStats | None = None
+        # The latest gauges of each replica (--dp-size), by dp_rank.
+        self.rank_stats: dict[int, SchedulerStats] = {}
         self.unavailable: str | None = None  # why the server cannot serve, once it cannot
         self._flushes: dict[str, asyncio.Future] = {}
         self._ctx: Any = None
@@ -293,6 +294,14 @@ class TokenizerManager:
     def num_pending(self) -> int:
         return len(self.states)
 
+    @property
+    def stats(self) -> SchedulerStats | None:
+        """The whole server's latest scheduler gauges (None before the first report)."""
+        parts = list(self.rank_stats.values())
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        return SchedulerStats.combined(parts)
+
     # ---- outputs -------------------------------------------------------------------------
 
     async def _recv_loop(self) -> None:
@@ -304,7 +313,7 @@ class TokenizerManager:
                     for t in msg.outputs:
                         self._on_output(t, now)
                 elif isinstance(msg, SchedulerStats):
-                    self.stats = msg
+                    self.rank_stats[msg.dp_rank] = msg
                     if self.metrics:
                         self.metrics.set_scheduler_stats(msg)
                 elif isinstance(msg, FlushCacheResult):
