@@ -11,6 +11,8 @@ from smallm.runtime.model.runner_config import RunnerConfig
 from smallm.runtime.scheduler.config import SchedulerConfig
 from smallm.runtime.server.http.tool_parsers import PARSER_NAMES
 
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
+
 
 @dataclass
 class ServerArgs:
@@ -55,6 +57,10 @@ class ServerArgs:
     log_level: str = "info"
     log_requests: bool = False
     tool_call_parser: str = "hermes"  # reads tool_choice auto output (see tool_parsers/)
+    # data parallelism: N scheduler replicas behind one front end (see server/coordinator.py)
+    dp_size: int = 1
+    load_balance_method: str = "cache_aware"  # round_robin | shortest_queue | cache_aware
+    dp_tolerate_failure: bool = False  # a dead replica fails only its requests
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +84,8 @@ class ServerArgs:
             (self.grammar_compile_timeout > 0, "--grammar-compile-timeout must be > 0"),
             (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
             (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
+            (self.dp_size >= 1, "--dp-size must be >= 1"),
+            (self.load_balance_method in LOAD_BALANCE_METHODS, f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}"),
             (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
         ]  # fmt: skip
@@ -281,6 +289,26 @@ class ServerArgs:
             choices=list(PARSER_NAMES),
             help="how tool calls are read from a completion with tool_choice auto "
             "(hermes: <tool_call>{...}</tool_call>, for ChatML models)",
+        )
+        p.add_argument(
+            "--dp-size",
+            type=int,
+            default=default("dp_size"),
+            help="data-parallel replicas: scheduler processes, each with its own model, KV pool "
+            "and radix cache (the cores are split between them)",
+        )
+        p.add_argument(
+            "--load-balance-method",
+            default=default("load_balance_method"),
+            choices=list(LOAD_BALANCE_METHODS),
+            help="how requests are placed on replicas (cache_aware: the replica that holds the "
+            "longest prefix of the prompt, unless it is much busier than the idlest)",
+        )
+        p.add_argument(
+            "--dp-tolerate-failure",
+            action="store_true",
+            help="when a replica dies, fail only its requests (HTTP 503) and serve on with the "
+            "others (default: the server exits)",
         )
 
     @classmethod

@@ -20,3 +20,27 @@ def prefer_passive_openmp() -> bool:
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return "torch" not in sys.modules
+
+
+def pin_replica(dp_rank: int, dp_size: int, torch_threads: int | None) -> int | None:
+    """Give data-parallel replica ``dp_rank`` of ``dp_size`` its share of the cores: pin this
+    process to a disjoint slice of the ones it may use (two replicas' spinning OpenMP pools on
+    the same cores would each run at a fraction of their speed) and return its torch thread
+    count (``--torch-threads`` split evenly, at least 1). A single replica keeps every core.
+    Call before ``import torch``: OpenMP reads the affinity when it starts."""
+    if dp_size <= 1:
+        return torch_threads
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (not Linux): split the count only
+        cores = list(range(os.cpu_count() or 1))
+    else:
+        if len(cores) >= dp_size:
+            per = len(cores) // dp_size
+            mine = cores[dp_rank * per : (dp_rank + 1) * per]
+        else:  # more replicas than cores: they share, round-robin
+            mine = [cores[dp_rank % len(cores)]]
+        os.sched_setaffinity(0, mine)
+        cores = mine
+    total = torch_threads if torch_threads is not None else None
+    return max(total // dp_size, 1) if total is not None else len(cores)

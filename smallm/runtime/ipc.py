@@ -17,6 +17,10 @@ class IpcEndpoints:
     detokenizer_input: str  # scheduler -> detokenizer
     tokenizer_input: str  # detokenizer -> tokenizer manager
 
+    def scheduler_input_of(self, dp_rank: int) -> str:
+        """Where data-parallel replica ``dp_rank`` takes its requests (rank 0: the plain one)."""
+        return self.scheduler_input if dp_rank == 0 else f"{self.scheduler_input}-{dp_rank}"
+
     @classmethod
     def in_dir(cls, directory: str) -> IpcEndpoints:
         return cls(

@@ -29,6 +29,8 @@ class GenerateRequest:
     # /v1/embeddings: prefill the whole prompt (no cached prefix) and return the mean of its
     # last hidden states, L2-normalised, in the final TokenOutput's ``embedding``.
     return_embedding: bool = False
+    # The replica (--dp-size) that must serve it; None: the coordinator chooses.
+    data_parallel_rank: int | None = None
 
 
 @dataclass
@@ -51,6 +53,10 @@ class FlushCacheResult:
 @dataclass
 class ShutdownRequest:
     """Ask a worker process to leave its loop (the front end is exiting)."""
+
+    # Schedulers pass it on to the detokenizer, which leaves after this many copies (one from
+    # each live replica), so no replica's last outputs are lost.
+    replicas: int = 1
 
 
 @dataclass

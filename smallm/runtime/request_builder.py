@@ -50,6 +50,8 @@ class GenerateCall:
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    # The replica (--dp-size) that must serve it (sglang-router --dp-aware sends it).
+    data_parallel_rank: int | None = None
 
     @property
     def is_single(self) -> bool:
@@ -88,6 +90,14 @@ class GenerateCall:
             if not (isinstance(rid, str) or is_list_of(rid, str)):
                 raise RequestError("rid must be a string or a list of strings", "rid")
             call.rid = rid
+        rank = body.get("data_parallel_rank")
+        if rank is not None:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                raise RequestError(
+                    f"data_parallel_rank must be an integer >= 0, got {rank!r}",
+                    "data_parallel_rank",
+                )
+            call.data_parallel_rank = rank
         for name in ("return_text_in_logprobs", "stream"):
             value = body.get(name)
             if value is not None:
@@ -175,6 +185,7 @@ def build_requests(
                     top_logprobs_num=tops[i],
                     stream=call.stream,
                     group=group,
+                    data_parallel_rank=call.data_parallel_rank,
                 )
             )
     return out

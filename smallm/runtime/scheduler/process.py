@@ -7,6 +7,7 @@ sends `SchedulerStats` (the load gauges). It never waits on a socket while it ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from smallm.runtime.cpu_threads import prefer_passive_openmp
+from smallm.runtime.cpu_threads import pin_replica, prefer_passive_openmp
 from smallm.runtime.ipc import IpcEndpoints, die_with_parent, parent_alive, setup_worker_logging
 
 logger = logging.getLogger(__name__)
@@ -22,17 +23,29 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5
 
 
-def run_scheduler_process(args: Any, endpoints: IpcEndpoints, ready_pipe: Any, parent_pid: int):
-    """Process entry point. Sends ``{"ok": True, ...model info}`` or ``{"ok": False, "error"}``
-    through ``ready_pipe`` once loaded; exits non-zero if the loop fails."""
+def run_scheduler_process(
+    args: Any, endpoints: IpcEndpoints, ready_pipe: Any, parent_pid: int, dp_rank: int = 0
+):
+    """Process entry point of replica ``dp_rank``. Sends ``{"ok": True, ...model info}`` or
+    ``{"ok": False, "error"}`` through ``ready_pipe`` once loaded; exits non-zero if the loop
+    fails."""
     die_with_parent()
     if args.matmul_backend == "openblas":
         prefer_passive_openmp()
-    setup_worker_logging(args.log_level, "scheduler")
+    dp_size = getattr(args, "dp_size", 1)
+    if dp_size > 1:
+        # Replicas share the machine: each gets its slice of the cores and of the memory
+        # budget (--max-total-tokens, when given, is per replica).
+        args = dataclasses.replace(
+            args,
+            torch_threads=pin_replica(dp_rank, dp_size, args.torch_threads),
+            mem_fraction_static=args.mem_fraction_static / dp_size,
+        )
+    setup_worker_logging(args.log_level, "scheduler" if dp_size == 1 else f"scheduler-{dp_rank}")
     # SIGINT goes to the whole process group on Ctrl-C; the front end decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        worker = _SchedulerWorker(args, endpoints)
+        worker = _SchedulerWorker(args, endpoints, dp_rank)
     except Exception as e:
         logger.exception("the scheduler failed to start")
         ready_pipe.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
@@ -49,7 +62,7 @@ def run_scheduler_process(args: Any, endpoints: IpcEndpoints, ready_pipe: Any, p
 
 
 class _SchedulerWorker:
-    def __init__(self, args: Any, endpoints: IpcEndpoints):
+    def __init__(self, args: Any, endpoints: IpcEndpoints, dp_rank: int = 0):
         import zmq
 
         from smallm.runtime.model.loader import resolve_model_path
@@ -64,7 +77,8 @@ class _SchedulerWorker:
         self.scheduler = Scheduler(self.runner, args.scheduler_config(), eos, tokenizer)
         self.ctx = zmq.Context()
         self.recv = self.ctx.socket(zmq.PULL)
-        self.recv.bind(endpoints.scheduler_input)
+        self.recv.bind(endpoints.scheduler_input_of(dp_rank))
+        self.dp_rank = dp_rank
         self.send = self.ctx.socket(zmq.PUSH)
         self.send.connect(endpoints.detokenizer_input)
         self._generated = 0
@@ -80,6 +94,8 @@ class _SchedulerWorker:
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "attention_backend": type(self.runner.attn_backend).__name__,
             "pid": os.getpid(),
+            "dp_rank": self.dp_rank,
+            "torch_threads": self.runner.config.torch_threads,
         }
 
     def loop(self, parent_pid: int) -> None:
@@ -121,7 +137,9 @@ class _SchedulerWorker:
             went_idle = busy and not self.scheduler.has_work()
             if went_idle or now - last_stats >= STATS_INTERVAL_S:
                 rate = (self._generated - generated_at_last_stats) / max(now - last_stats, 1e-3)
-                self.send.send_pyobj(self.scheduler.stats(gen_throughput=rate))
+                stats = self.scheduler.stats(gen_throughput=rate)
+                stats.dp_rank = self.dp_rank
+                self.send.send_pyobj(stats)
                 last_stats, generated_at_last_stats = now, self._generated
             if now - last_parent_check >= 1.0:
                 last_parent_check = now

@@ -73,6 +73,7 @@ def run_detokenizer_process(args: Any, endpoints: IpcEndpoints, ready_pipe: Any,
     send.connect(endpoints.tokenizer_input)
     ready_pipe.send({"ok": True})
     ready_pipe.close()
+    shutdowns = 0
     try:
         while True:
             if not recv.poll(1000):
@@ -81,7 +82,10 @@ def run_detokenizer_process(args: Any, endpoints: IpcEndpoints, ready_pipe: Any,
                 continue
             msg = recv.recv_pyobj()
             if isinstance(msg, ShutdownRequest):
-                return
+                shutdowns += 1
+                if shutdowns >= msg.replicas:
+                    return
+                continue
             send.send_pyobj(detok.process(msg) if isinstance(msg, BatchTokenOutput) else msg)
     except Exception:
         logger.exception("the detokenizer loop failed")

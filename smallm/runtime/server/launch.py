@@ -1,8 +1,14 @@
 """Start the process trio and serve HTTP until SIGTERM/SIGINT or a worker dies.
 
-    HTTP process (this one): aiohttp on uvloop + TokenizerManager
-    Scheduler process: model, KV memory, radix cache        (spawned)
+    HTTP process (this one): aiohttp on uvloop + TokenizerManager (+ the coordinator)
+    Scheduler process(es): model, KV memory, radix cache    (spawned; --dp-size of them)
     Detokenizer process: token ids -> text                  (spawned)
+
+With ``--dp-size N`` there are N scheduler replicas (``scheduler-0`` ...), each with its own
+model, KV pool and radix cache on its own slice of the cores; the front end's coordinator
+places every request on one of them and they all push to the one detokenizer. A replica that
+dies takes the server down (exit 1) unless ``--dp-tolerate-failure``: then only its requests
+fail (503) and the others serve on.
 
 Workers are spawned (not forked: torch and forking do not mix) and talk over ZMQ ``ipc://``
 sockets in a private temp directory that is removed at exit. Exit codes: 0 after a clean
@@ -65,16 +71,20 @@ def launch_server(args: ServerArgs) -> int:
     args = dataclasses.replace(args, model_path=model_path)
     ipc_dir = tempfile.mkdtemp(prefix="smallm-ipc-")  # mode 0700
     workers: list[_Worker] = []
+    code = 1
     try:
         endpoints = IpcEndpoints.in_dir(ipc_dir)
         workers = _start_workers(args, endpoints)
         infos = _wait_ready(workers)
         if infos is None:
-            return 1
-        return _run_http(args, endpoints, workers, infos["scheduler"])
+            return code
+        code = _run_http(args, endpoints, workers, infos[_scheduler_name(0, args.dp_size)])
+        return code
     finally:
+        # After a clean shutdown the workers are leaving on their own; after a failure the
+        # survivors wait for work that will never come: don't wait long for them.
         for w in workers:
-            w.stop(timeout=10)
+            w.stop(timeout=10 if code == 0 else 1)
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
@@ -84,18 +94,34 @@ def _start_workers(args: ServerArgs, endpoints: IpcEndpoints) -> list[_Worker]:
 
     ctx = mp.get_context("spawn")
     workers = []
-    for name, target in (
-        ("scheduler", run_scheduler_process),
-        ("detokenizer", run_detokenizer_process),
-    ):
+    targets: list[tuple[str, Any, tuple]] = [
+        (_scheduler_name(r, args.dp_size), run_scheduler_process, (r,)) for r in range(args.dp_size)
+    ]
+    targets.append(("detokenizer", run_detokenizer_process, ()))
+    for name, target, extra in targets:
         reader, writer = ctx.Pipe(duplex=False)
         p = ctx.Process(
-            target=target, args=(args, endpoints, writer, os.getpid()), name=f"smallm-{name}"
+            target=target,
+            args=(args, endpoints, writer, os.getpid(), *extra),
+            name=f"smallm-{name}",
         )
         p.start()
         writer.close()
         workers.append(_Worker(name, p, reader))
     return workers
+
+
+def _scheduler_name(rank: int, dp_size: int) -> str:
+    return "scheduler" if dp_size == 1 else f"scheduler-{rank}"
+
+
+def _replica_rank(name: str) -> int | None:
+    """The dp_rank of a scheduler worker's name (None for other workers)."""
+    if name == "scheduler":
+        return 0
+    if name.startswith("scheduler-"):
+        return int(name.removeprefix("scheduler-"))
+    return None
 
 
 def _wait_ready(workers: list[_Worker]) -> dict[str, dict] | None:
@@ -141,6 +167,7 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
     from aiohttp import web
 
     from smallm.runtime.metrics import ServerMetrics
+    from smallm.runtime.server.coordinator import DataParallelCoordinator
     from smallm.runtime.server.http.app import build_app
     from smallm.runtime.server.http.context import ServerContext
     from smallm.runtime.server.tokenizer_manager import ModelInfo, TokenizerManager
@@ -159,7 +186,12 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
         extra={k: info[k] for k in ("dtype", "attention_backend") if k in info},
     )
     metrics = ServerMetrics(model_info.served_model_name) if args.enable_metrics else None
-    tm = TokenizerManager(endpoints, model_info, tokenizer, metrics, args.log_requests)
+    coordinator = DataParallelCoordinator(
+        args.dp_size, args.load_balance_method, capacity_tokens=info["max_total_tokens"]
+    )
+    tm = TokenizerManager(
+        endpoints, model_info, tokenizer, metrics, args.log_requests, coordinator=coordinator
+    )
     await tm.start()
     ctx = ServerContext(args, model_info, tm, metrics)
     ctx.worker_pids = {w.name: w.process.pid for w in workers}
@@ -184,15 +216,28 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
 
     async def watchdog() -> None:
         nonlocal exit_code
+        lost: set[str] = set()
         while not stop.is_set():
             for w in workers:
-                if not w.process.is_alive():
-                    message = f"the {w.name} process exited (code {w.process.exitcode})"
-                    logger.error("%s; failing pending requests and exiting", message)
-                    tm.fail_all(message)
-                    exit_code = 1
-                    stop.set()
-                    return
+                if w.name in lost or w.process.is_alive():
+                    continue
+                message = f"the {w.name} process exited (code {w.process.exitcode})"
+                rank = _replica_rank(w.name)
+                if rank is not None and args.dp_tolerate_failure:
+                    lost.add(w.name)
+                    tm.fail_replica(rank, message)
+                    if tm.coordinator.live_ranks:
+                        logger.error(
+                            "%s; its requests failed, serving on replicas %s",
+                            message,
+                            tm.coordinator.live_ranks,
+                        )
+                        continue
+                logger.error("%s; failing pending requests and exiting", message)
+                tm.fail_all(message)
+                exit_code = 1
+                stop.set()
+                return
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
 
     dog = asyncio.create_task(watchdog())

@@ -32,6 +32,7 @@ from smallm.runtime.messages import (
 from smallm.runtime.metrics import ServerMetrics
 from smallm.runtime.request_builder import GenerateCall, RequestError, build_requests
 from smallm.runtime.response import ResponseBuilder
+from smallm.runtime.server.coordinator import DataParallelCoordinator, PlacementError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,6 +76,7 @@ class _ReqState:
         self.last_token_at: float | None = None
         self.sent_len = -1
         self.detached = False  # the client is gone; only the final output is still expected
+        self.rank = 0  # the data-parallel replica serving it
 
     @property
     def failed_message(self) -> str | None:
@@ -104,8 +106,11 @@ class TokenizerManager:
         tokenizer: Any,
         metrics: ServerMetrics | None = None,
         log_requests: bool = False,
+        coordinator: DataParallelCoordinator | None = None,
     ):
         self.endpoints = endpoints
+        # Places each request on a scheduler replica (one replica: always rank 0).
+        self.coordinator = coordinator or DataParallelCoordinator(1, "round_robin")
         self.info = info
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -116,7 +121,7 @@ class TokenizerManager:
         self.unavailable: str | None = None  # why the server cannot serve, once it cannot
         self._flushes: dict[str, asyncio.Future] = {}
         self._ctx: Any = None
-        self._send: Any = None
+        self._sends: list[Any] = []  # a PUSH socket per replica, by dp_rank
         self._recv: Any = None
         self._task: asyncio.Task | None = None
         self.num_finished = 0
@@ -131,8 +136,10 @@ class TokenizerManager:
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-        self._send = self._ctx.socket(zmq.PUSH)
-        self._send.connect(self.endpoints.scheduler_input)
+        for rank in range(self.coordinator.dp_size):
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.connect(self.endpoints.scheduler_input_of(rank))
+            self._sends.append(sock)
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(self.endpoints.tokenizer_input)
         self._task = asyncio.create_task(self._recv_loop(), name="tokenizer-manager-recv")
@@ -142,7 +149,8 @@ class TokenizerManager:
         if self._task is not None:
             self._task.cancel()
         if self._ctx is not None:
-            self._send.close(linger=0)
+            for sock in self._sends:
+                sock.close(linger=0)
             self._recv.close(linger=0)
             self._ctx.term()
             self._ctx = None
@@ -177,15 +185,17 @@ class TokenizerManager:
         taken = next((m.rid for m in msgs if m.rid in self.states), None)
         if taken is not None:  # checked before registering any, so a refusal leaves nothing
             raise RequestError(f"request id {taken!r} is already in use", "rid")
+        ranks = self._place(msgs)
         group = _Group()
         for i, m in enumerate(msgs):
             state = _ReqState(m, ResponseBuilder(self.tokenizer, m, text_in_logprobs), i, group)
+            state.rank = ranks[i]
             group.states.append(state)
             self.states[m.rid] = state
         sent = 0
         try:
-            for m in msgs:
-                await self._send.send_pyobj(m)
+            for m, rank in zip(msgs, ranks):
+                await self._sends[rank].send_pyobj(m)
                 sent += 1
         except BaseException:  # e.g. the client left mid-submit: leave nothing behind
             for i, state in enumerate(group.states):
@@ -194,8 +204,23 @@ class TokenizerManager:
                     state.finished = state.detached = True
                 else:
                     self.states.pop(state.msg.rid, None)
+                    self.coordinator.finished(state.rank)
             raise
         return group
+
+    def _place(self, msgs: list[GenerateRequest]) -> list[int]:
+        """Each request's replica; all or none are counted as placed."""
+        ranks: list[int] = []
+        try:
+            for m in msgs:
+                ranks.append(self.coordinator.place(m.input_ids, m.data_parallel_rank))
+        except PlacementError as e:
+            for rank in ranks:
+                self.coordinator.finished(rank)
+            if self.coordinator.live_ranks:
+                raise RequestError(str(e), "data_parallel_rank") from None
+            raise ServiceUnavailable(str(e)) from None
+        return ranks
 
     async def generate(self, call: GenerateCall) -> list[dict]:
         """Run a call to completion: one native response dict per sample, in order."""
@@ -239,8 +264,12 @@ class TokenizerManager:
                 raise RequestFailed(s.failed_message)
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
-        if self._send is not None and not self.unavailable:
-            self._send.send_pyobj(AbortRequest(rid=rid, abort_all=abort_all))
+        if not self._sends or self.unavailable:
+            return
+        state = None if rid is None else self.states.get(rid)
+        ranks = [state.rank] if state is not None else self.coordinator.live_ranks
+        for rank in ranks:
+            self._sends[rank].send_pyobj(AbortRequest(rid=rid, abort_all=abort_all))
 
     def abort_rid(self, rid: str) -> list[str]:
         """Abort a request by the id the client gave (all its samples when n > 1); returns the
@@ -265,18 +294,45 @@ class TokenizerManager:
     async def flush_cache(self, timeout: float = 30.0) -> bool:
         if self.unavailable:
             raise ServiceUnavailable(self.unavailable)
-        request_id = uuid.uuid4().hex
-        fut = asyncio.get_running_loop().create_future()
-        self._flushes[request_id] = fut
-        await self._send.send_pyobj(FlushCacheRequest(request_id))
+        # Every live replica flushes; the flush succeeds when all of them did.
+        loop = asyncio.get_running_loop()
+        ids = {rank: uuid.uuid4().hex for rank in self.coordinator.live_ranks}
+        futs = []
+        for rank, request_id in ids.items():
+            fut = loop.create_future()
+            self._flushes[request_id] = fut
+            futs.append(fut)
+            await self._sends[rank].send_pyobj(FlushCacheRequest(request_id))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            ok = all(await asyncio.wait_for(asyncio.gather(*futs), timeout))
         finally:
-            self._flushes.pop(request_id, None)
+            for request_id in ids.values():
+                self._flushes.pop(request_id, None)
+        if ok:
+            self.coordinator.clear_cache()
+        return ok
 
     async def shutdown_workers(self) -> None:
-        if self._send is not None and not self.unavailable:
-            await self._send.send_pyobj(ShutdownRequest())
+        if not self._sends or self.unavailable:
+            return
+        live = self.coordinator.live_ranks
+        for rank in live:
+            await self._sends[rank].send_pyobj(ShutdownRequest(replicas=len(live)))
+
+    def fail_replica(self, rank: int, message: str) -> None:
+        """Replica ``rank`` died (and ``--dp-tolerate-failure`` is set): its requests get HTTP
+        503, new requests go to the others; with none left, the server is unavailable."""
+        self.coordinator.mark_dead(rank)
+        self.rank_stats.pop(rank, None)
+        if not self.coordinator.live_ranks:
+            self.fail_all(message)
+            return
+        for rid, s in list(self.states.items()):
+            if s.rank == rank:
+                del self.states[rid]
+                s.unavailable = message
+                s.finished = True
+                s.group.updates.put_nowait(s.index)
 
     def fail_all(self, message: str) -> None:
         """A worker died: every pending and future request gets HTTP 503."""
@@ -336,6 +392,7 @@ class TokenizerManager:
         if o.finished:
             s.finished = True
             del self.states[o.rid]
+            self.coordinator.finished(s.rank, _cached_ids(s))
             self.num_finished += 1
             e2e = now - s.created
             if self.metrics:
@@ -362,3 +419,8 @@ class TokenizerManager:
             for _ in range(n):
                 self.metrics.itl.observe(gap)
         s.last_token_at = now
+
+
+def _cached_ids(s: _ReqState) -> list[int]:
+    """The tokens a finished request left in its replica's cache (prompt + output)."""
+    return [*s.msg.input_ids, *s.builder.output_ids]

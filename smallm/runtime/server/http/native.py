@@ -15,7 +15,11 @@ from smallm.runtime.request_builder import GenerateCall
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_body, read_json
 from smallm.runtime.server.http.sse import DONE, event, open_stream
-from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.tokenizer_manager import (
+    RequestFailed,
+    ServiceUnavailable,
+    TokenizerManager,
+)
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 
@@ -86,8 +90,26 @@ async def get_server_info(request: web.Request) -> web.Response:
             "draining": ctx.draining,
             "num_pending_requests": ctx.tm.num_pending,
             "scheduler_stats": None if stats is None else {**vars(stats), "token_usage": stats.token_usage},
+            "replicas": replica_info(ctx.tm),
         }
     )  # fmt: skip
+
+
+def replica_info(tm: TokenizerManager) -> list[dict]:
+    """Each data-parallel replica: alive, its load as the coordinator sees it, its gauges."""
+    out = []
+    for r in tm.coordinator.replicas:
+        stats = tm.rank_stats.get(r.rank)
+        out.append(
+            {
+                "dp_rank": r.rank,
+                "alive": r.alive,
+                "num_unfinished_reqs": r.load,
+                "num_placed_reqs": tm.coordinator.placed[r.rank],
+                "scheduler_stats": None if stats is None else vars(stats),
+            }
+        )
+    return out
 
 
 async def health(request: web.Request) -> web.Response:
