@@ -10,6 +10,7 @@ from typing import Any
 from smallm.runtime.model.runner_config import RunnerConfig
 from smallm.runtime.scheduler.config import SchedulerConfig
 from smallm.runtime.server.http.tool_parsers import PARSER_NAMES
+from smallm.runtime.server.kv_events import parse_kv_events_config
 
 
 @dataclass
@@ -55,6 +56,9 @@ class ServerArgs:
     log_level: str = "info"
     log_requests: bool = False
     tool_call_parser: str = "hermes"  # reads tool_choice auto output (see tool_parsers/)
+    # KV-cache events (server/kv_events.py): the block size in tokens, and SGLang's JSON config
+    page_size: int = 1
+    kv_events_config: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,10 +84,12 @@ class ServerArgs:
             (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
             (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
+            (isinstance(self.page_size, int) and self.page_size >= 1, "--page-size must be an integer >= 1"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        parse_kv_events_config(self.kv_events_config)  # ValueError naming the problem
 
     @property
     def url(self) -> str:
@@ -281,6 +287,19 @@ class ServerArgs:
             choices=list(PARSER_NAMES),
             help="how tool calls are read from a completion with tool_choice auto "
             "(hermes: <tool_call>{...}</tool_call>, for ChatML models)",
+        )
+        p.add_argument(
+            "--page-size",
+            type=int,
+            default=default("page_size"),
+            help="tokens per KV block in KV-cache events (full blocks only)",
+        )
+        p.add_argument(
+            "--kv-events-config",
+            default=None,
+            help='publish KV-cache events (SGLang\'s JSON), e.g. \'{"publisher": "zmq", '
+            '"endpoint": "tcp://*:5557", "topic": "", "replay_endpoint": null, '
+            '"buffer_steps": 10000}\'; data-parallel replica r uses port + r',
         )
 
     @classmethod
