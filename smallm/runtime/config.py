@@ -10,6 +10,7 @@ from typing import Any
 from smallm.runtime.model.runner_config import RunnerConfig
 from smallm.runtime.scheduler.config import SchedulerConfig
 from smallm.runtime.server.http.tool_parsers import PARSER_NAMES
+from smallm.runtime.server.kv_events import parse_kv_events_config
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
 
@@ -61,6 +62,9 @@ class ServerArgs:
     dp_size: int = 1
     load_balance_method: str = "cache_aware"  # round_robin | shortest_queue | cache_aware
     dp_tolerate_failure: bool = False  # a dead replica fails only its requests
+    # KV-cache events (server/kv_events.py): the block size in tokens, and SGLang's JSON config
+    page_size: int = 1
+    kv_events_config: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,10 +92,12 @@ class ServerArgs:
             (self.load_balance_method in LOAD_BALANCE_METHODS, f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}"),
             (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
+            (isinstance(self.page_size, int) and self.page_size >= 1, "--page-size must be an integer >= 1"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        parse_kv_events_config(self.kv_events_config)  # ValueError naming the problem
 
     @property
     def url(self) -> str:
@@ -309,6 +315,19 @@ class ServerArgs:
             action="store_true",
             help="when a replica dies, fail only its requests (HTTP 503) and serve on with the "
             "others (default: the server exits)",
+        )
+        p.add_argument(
+            "--page-size",
+            type=int,
+            default=default("page_size"),
+            help="tokens per KV block in KV-cache events (full blocks only)",
+        )
+        p.add_argument(
+            "--kv-events-config",
+            default=None,
+            help='publish KV-cache events (SGLang\'s JSON), e.g. \'{"publisher": "zmq", '
+            '"endpoint": "tcp://*:5557", "topic": "", "replay_endpoint": null, '
+            '"buffer_steps": 10000}\'; data-parallel replica r uses port + r',
         )
 
     @classmethod

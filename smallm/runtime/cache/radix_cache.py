@@ -16,11 +16,35 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 FreeFn = Callable[[np.ndarray], None]
 Clock = Callable[[], float]
+
+
+class KVEventListener(Protocol):
+    """Told which full pages of ``page_size`` tokens the tree stores and removes (KV events).
+
+    Page ``k`` of a cached sequence is its tokens ``[kP, (k+1)P)``; it belongs to the node that
+    holds its last token (``node.pages``: the handles of the pages ending inside that node),
+    so evicting a leaf removes exactly the pages that lose a token. The handles are opaque to
+    the tree (``smallm.runtime.server.kv_events.RadixEventRecorder`` is the implementation).
+    """
+
+    page_size: int
+
+    def on_stored(self, parent: Any, token_ids: np.ndarray) -> list[Any]:
+        """Pages ``token_ids`` (whole pages) are now cached after page ``parent`` (None: they
+        start the sequence); return one handle per page."""
+
+    def on_removed(self, pages: list[Any]) -> None:
+        """These pages' handles are no longer cached."""
+
+    def on_cleared(self) -> None:
+        """The whole cache was flushed."""
+
 
 # Edges at most this long are compared in Python: a numpy call costs microseconds of overhead,
 # which would dominate walks down deep trees of short edges.
@@ -36,7 +60,7 @@ class TreeNode:
     evicted. ``parent`` is ``None`` for the root and for nodes that were evicted or flushed.
     """
 
-    __slots__ = ("children", "end", "key", "last_access", "lock_ref", "parent", "value")
+    __slots__ = ("children", "end", "key", "last_access", "lock_ref", "pages", "parent", "value")
 
     def __init__(
         self,
@@ -54,6 +78,8 @@ class TreeNode:
         self.last_access = last_access
         self.lock_ref = lock_ref
         self.children: dict[int, TreeNode] = {}
+        # KV events only: handles of the full pages whose last token is in this edge.
+        self.pages: list[Any] | None = None
 
     @property
     def is_leaf(self) -> bool:
@@ -127,6 +153,10 @@ class PrefixCache(ABC):
         """Hand a request's KV to the cache (see the implementations for ownership)."""
 
     @abstractmethod
+    def set_event_listener(self, listener: KVEventListener | None) -> None:
+        """Report the full pages the cache stores and removes to ``listener`` (KV events)."""
+
+    @abstractmethod
     def evict(self, num_tokens: int) -> int:
         """Free at least ``num_tokens`` unlocked slots if possible; return how many were freed."""
 
@@ -184,6 +214,17 @@ class RadixCache(PrefixCache):
         # or was unlocked).
         self._heap: list[tuple[float, int, TreeNode]] = []
         self._tiebreak = itertools.count()
+        # None unless KV events are on: then every branch that reports pages is skipped.
+        self._events: KVEventListener | None = None
+
+    def set_event_listener(self, listener: KVEventListener | None) -> None:
+        """Report full pages stored / removed / flushed to ``listener`` from now on.
+
+        Only while the cache is empty: pages cached before would never be announced.
+        """
+        if self._num_nodes:
+            raise RuntimeError("set the KV event listener before anything is cached")
+        self._events = listener
 
     # --- sizes -------------------------------------------------------------------------------
 
@@ -255,9 +296,29 @@ class RadixCache(PrefixCache):
             node.children[int(tokens[existing])] = leaf
             self._num_nodes += 1
             self._evictable += len(leaf.key)
+            if self._events is not None:
+                self._store_pages(node, leaf, tokens)
             node = leaf
         self._touch_leaf(node)
         return existing
+
+    def _store_pages(self, attach: TreeNode, leaf: TreeNode, tokens: np.ndarray) -> None:
+        """Announce the full pages that end inside the new ``leaf`` (hung under ``attach``)."""
+        events = self._events
+        assert events is not None
+        p = events.page_size
+        first, last = attach.end // p, leaf.end // p  # pages first..last-1 end in the leaf
+        if last <= first:
+            return
+        parent = None
+        if first > 0:
+            # Page first-1 ends at first*P <= attach.end: it is the last page of the deepest
+            # node on the path that has pages (the nodes below it hold no page end).
+            node = attach
+            while not node.pages:
+                node = node.parent  # type: ignore[assignment]
+            parent = node.pages[-1]  # type: ignore[index]
+        leaf.pages = events.on_stored(parent, tokens[first * p : last * p])
 
     def _walk(self, tokens: np.ndarray, now: float) -> list[TreeNode]:
         """Follow ``tokens`` from the root, splitting the last edge if the match ends inside it.
@@ -310,6 +371,12 @@ class RadixCache(PrefixCache):
             lock_ref=child.lock_ref,
         )
         parent.children[int(child.key[0])] = head
+        if child.pages:
+            # Pages ending in the first m tokens move to the head.
+            p = self._events.page_size  # type: ignore[union-attr]
+            start = child.end - len(child.key)
+            n = (start + m) // p - start // p
+            head.pages, child.pages = child.pages[:n] or None, child.pages[n:] or None
         child.key = child.key[m:]
         child.value = child.value[m:]
         child.parent = head
@@ -401,6 +468,7 @@ class RadixCache(PrefixCache):
         go to ``free_fn`` in one call.
         """
         freed: list[np.ndarray] = []
+        removed_pages: list[Any] = []
         total = 0
         # No local alias of the heap: _push may rebuild it.
         while total < num_tokens and self._heap:
@@ -415,10 +483,14 @@ class RadixCache(PrefixCache):
             self._evictable -= len(node.key)
             total += len(node.key)
             freed.append(node.value)
+            if node.pages:
+                removed_pages.extend(node.pages)
             if parent is not self._root and parent.is_leaf and parent.lock_ref == 0:
                 self._push(parent)
         if freed:
             self._free_fn(np.concatenate(freed))
+        if removed_pages:
+            self._events.on_removed(removed_pages)  # type: ignore[union-attr]
         return total
 
     def _evictable_leaf(self, node: TreeNode, stamp: float) -> bool:
@@ -462,6 +534,8 @@ class RadixCache(PrefixCache):
         self._evictable = 0
         self._num_nodes = 0
         self._heap = []
+        if self._events is not None:
+            self._events.on_cleared()
         return True
 
     # --- debugging ---------------------------------------------------------------------------
@@ -553,6 +627,9 @@ class NoPrefixCache(PrefixCache):
             return None
         return MatchResult(slots=values.copy(), node=self._root)
 
+    def set_event_listener(self, listener: KVEventListener | None) -> None:
+        """Nothing is ever cached, so there is nothing to report."""
+
     def evict(self, num_tokens: int) -> int:
         return 0
 
@@ -579,9 +656,14 @@ class NoPrefixCache(PrefixCache):
         return "NoPrefixCache()"
 
 
-def create_prefix_cache(disable: bool, free_fn: FreeFn) -> PrefixCache:
-    """``NoPrefixCache`` when the radix cache is disabled, else a ``RadixCache``."""
-    return NoPrefixCache(free_fn) if disable else RadixCache(free_fn)
+def create_prefix_cache(
+    disable: bool, free_fn: FreeFn, events: KVEventListener | None = None
+) -> PrefixCache:
+    """``NoPrefixCache`` when the radix cache is disabled, else a ``RadixCache``; ``events``
+    (KV events) is told the pages the cache stores and removes."""
+    cache: PrefixCache = NoPrefixCache(free_fn) if disable else RadixCache(free_fn)
+    cache.set_event_listener(events)
+    return cache
 
 
 def _as_int64(values: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -75,6 +75,12 @@ class _SchedulerWorker:
         self.runner = ModelRunner(args.runner_config(self.model_path))
         eos = eos_token_ids(tokenizer, self.runner.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.runner, args.scheduler_config(), eos, tokenizer)
+        # KV-cache events (None when off): this replica's publisher, fed by the radix cache.
+        from smallm.runtime.server.kv_events import create_kv_event_publisher
+
+        self.kv_events = create_kv_event_publisher(args, dp_rank)
+        if self.kv_events is not None:
+            self.scheduler.cache.set_event_listener(self.kv_events.listener)
         self.ctx = zmq.Context()
         self.recv = self.ctx.socket(zmq.PULL)
         self.recv.bind(endpoints.scheduler_input_of(dp_rank))
@@ -149,6 +155,8 @@ class _SchedulerWorker:
 
     def close(self) -> None:
         self.scheduler.shutdown()
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.recv.close(linger=0)
         self.send.close(linger=0)
         self.ctx.term()
