@@ -441,15 +441,23 @@ def _post(url: str, body: dict) -> dict:
 
 
 class DynamoIndexer:
-    """``python -m dynamo.indexer`` subscribed to one worker (id 1) at ``zmq_url``."""
+    """``python -m dynamo.indexer`` subscribed to one worker (id 1) at ``zmq_url``; ``workers``
+    replaces that with Dynamo's own ``id[:dp_rank]=url,...`` list."""
 
-    def __init__(self, zmq_url: str, block_size: int):
+    def __init__(self, zmq_url: str, block_size: int, workers: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             sys.executable,
             *("-m", "dynamo.indexer", "--block-size", str(block_size)),
-            *("--port", str(self.port), "--workers", f"1={zmq_url}", "--model-name", "m"),
+            *(
+                "--port",
+                str(self.port),
+                "--workers",
+                workers or f"1={zmq_url}",
+                "--model-name",
+                "m",
+            ),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -548,3 +556,48 @@ def test_dynamo_indexer_follows_a_real_server(events_server):
     assert _generate(server, prompt)["meta_info"]["cached_tokens"] == 0
     assert indexer.wait_for(prompt, 48) == 48
     assert "KV events:" not in server.log_text()  # no publishing or replay errors
+
+
+def test_each_replica_publishes_its_own_blocks_to_the_indexer(tiny_chat_model_dir):
+    """--dp-size 2: replica r publishes on port + r with dp_rank r; Dynamo's indexer, given
+    each replica's endpoint as a worker of its own, attributes each prompt's blocks to the
+    replica that cached it (its answer merges the dp ranks of one worker id)."""
+    from server_process import ServerProcess
+
+    base = free_port()
+    while True:  # base + 1 must be free too
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("0.0.0.0", base + 1))
+            break
+        except OSError:
+            base = free_port()
+        finally:
+            probe.close()
+    config = {"publisher": "zmq", "endpoint": f"tcp://*:{base}", "topic": ""}
+    flags = ["--page-size", str(PAGE), "--kv-events-config", json.dumps(config)]
+    flags += ["--dp-size", "2", "--max-total-tokens", "400"]
+    with ServerProcess(tiny_chat_model_dir, *flags) as server:
+        workers = f"1=tcp://127.0.0.1:{base},2:1=tcp://127.0.0.1:{base + 1}"
+        indexer = DynamoIndexer("", PAGE, workers=workers)
+        try:
+            prompts = {0: list(range(1000, 1030)), 1: list(range(5000, 5030))}
+
+            def ranks_holding(ids: list[int]) -> dict:
+                answer = _post(indexer.url + "/query", {"token_ids": ids, "model_name": "m"})
+                return {k: v.get("longest_matched", 0) for k, v in answer["instances"].items()}
+
+            for _ in range(20):  # until both SUB sockets have joined (see the test above)
+                _flush(server)
+                for rank, ids in prompts.items():
+                    body = {"input_ids": ids, "data_parallel_rank": rank}
+                    _post(
+                        server.url + "/generate", {**body, "sampling_params": {"max_new_tokens": 1}}
+                    )
+                time.sleep(0.3)
+                if all(ranks_holding(ids) for ids in prompts.values()):
+                    break
+            held = {rank: ranks_holding(ids) for rank, ids in prompts.items()}
+            assert held == {0: {"1": 28}, 1: {"2": 28}}  # 7 full pages of 4 on its replica
+        finally:
+            indexer.close()
