@@ -587,7 +587,7 @@ def epp_configs() -> Iterator[tuple[str, Any]]:
         )
 
 
-@pytest.mark.parametrize(("where", "config"), list(epp_configs()), ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize(("where", "config"), [pytest.param(w, c, id=w) for w, c in epp_configs()])
 def test_endpoint_picker_config(where: str, config: dict[str, Any]) -> None:
     assert config["apiVersion"] == "llm-d.ai/v1alpha1"
     assert config["kind"] == "EndpointPickerConfig"
