@@ -2,7 +2,7 @@
 
 Built-in kinds are checked with kubernetes-validate's packaged strict schemas (no network: the
 test blocks sockets while it validates); custom resources with jsonschema against the CRDs'
-openAPIV3Schema (../shared/k8s-schemas, made strict the way `kubectl --validate=strict` rejects
+openAPIV3Schema (tests/data/k8s-schemas, copied from ../shared/k8s-schemas; made strict the way `kubectl --validate=strict` rejects
 unknown fields). Every manifest file also has broken copies that must fail. Cross-checks tie the
 pieces together: the InferencePool selects the Deployment's pods on the container's port, the EPP
 Service and config it names exist, the probe paths are routes of smallm's HTTP app, and each smallm
@@ -15,7 +15,6 @@ import argparse
 import copy
 import importlib.resources
 import json
-import os
 import re
 import socket
 import subprocess
@@ -31,10 +30,13 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
+from smallm.runtime.server.kv_events import parse_kv_events_config
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted(DEPLOY.rglob("*.yaml"))
-SCHEMAS = Path(os.environ.get("SMALLM_K8S_SCHEMAS", ROOT.parent / "shared" / "k8s-schemas"))
+# The CRD schemas, copied from ../shared/k8s-schemas (its README, with their sources, is there).
+SCHEMAS = ROOT / "tests" / "data" / "k8s-schemas"
 
 # kubernetes-validate 1.37.0 ships schemas for Kubernetes 1.25 .. 1.37; validate against a recent
 # release rather than "latest", so a newer kubernetes-validate does not move the target silently.
@@ -49,7 +51,6 @@ CRD_SCHEMAS = {
 }  # fmt: skip
 CRD_GROUPS = {api.split("/")[0] for api, _ in CRD_SCHEMAS}
 
-PENDING_FLAGS = ("--page-size", "--kv-events-config")  # being added to ServerArgs in parallel
 REQUIRED_SCORERS = ("prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -103,8 +104,6 @@ _crd_validators: dict[str, jsonschema.Draft7Validator] = {}
 
 
 def crd_validator(filename: str) -> jsonschema.Draft7Validator:
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"CRD schemas not found at {SCHEMAS} (set SMALLM_K8S_SCHEMAS)")
     if filename not in _crd_validators:
         schema = json.loads((SCHEMAS / filename).read_text())
         jsonschema.Draft7Validator.check_schema(schema)
@@ -446,47 +445,23 @@ def _serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pending_missing() -> list[str]:
-    known = _serve_parser()._option_string_actions
-    return [f for f in PENDING_FLAGS if f not in known]
-
-
-def parse_server_args(c: Container) -> tuple[Any, dict[str, str]]:
-    """ServerArgs from the container's command line, and the pending flags' values (taken out
-    only while ServerArgs lacks them)."""
+def parse_server_args(c: Container) -> Any:
+    """ServerArgs from the container's command line (every flag must be smallm's)."""
     from smallm.runtime.config import ServerArgs
 
     argv = c.argv()
     assert argv[:2] == ["smallm", "serve"], c.where
-    rest, pending = argv[2:], {}
-    for flag in _pending_missing():
-        if flag in rest:
-            i = rest.index(flag)
-            pending[flag] = rest[i + 1]
-            del rest[i : i + 2]
-    ns, unknown = _serve_parser().parse_known_args(rest)
+    ns, unknown = _serve_parser().parse_known_args(argv[2:])
     assert unknown == [], f"{c.where}: `smallm serve` does not know {unknown}"
-    for flag in set(PENDING_FLAGS) - set(pending):
-        if flag in argv:
-            pending[flag] = argv[argv.index(flag) + 1]
-    return ServerArgs.from_cli_args(ns), pending
+    return ServerArgs.from_cli_args(ns)
 
 
 @pytest.mark.parametrize("c", CONTAINERS, ids=lambda c: c.where)
 def test_command_line_parses_with_server_args(c: Container) -> None:
-    args, _ = parse_server_args(c)
+    args = parse_server_args(c)
     assert args.host == "0.0.0.0"
     assert args.port == c.http_port
     assert args.served_model_name
-
-
-def test_pending_flags_are_known_to_server_args() -> None:
-    missing = _pending_missing()
-    if missing:
-        pytest.skip(f"ServerArgs has no {', '.join(missing)} yet; the parse test leaves them out")
-    (c,) = [c for c in CONTAINERS if "--kv-events-config" in c.argv()]
-    args, _ = parse_server_args(c)
-    assert args.page_size == 16
 
 
 def test_kv_events_config() -> None:
@@ -496,15 +471,14 @@ def test_kv_events_config() -> None:
     assert config["publisher"] == "zmq"
     assert config["replay_endpoint"] is None and config["buffer_steps"] == 10000
     assert config["endpoint"] == f"tcp://*:{c.port('kv-events')}"
-    args, pending = parse_server_args(c)
+    args = parse_server_args(c)
     assert config["topic"] == f"kv@$(POD_IP)@{args.served_model_name}"
     # the kubelet fills $(POD_IP) from the downward API
     (pod_ip,) = [e for e in c.spec["env"] if e["name"] == "POD_IP"]
     assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    assert json.loads(pending["--kv-events-config"])["topic"] == "kv@10.1.2.3@" + (
-        args.served_model_name
-    )
-    assert pending["--page-size"] == "16"
+    parsed = parse_kv_events_config(args.kv_events_config)  # smallm's own check accepts it
+    assert parsed is not None and parsed.topic == "kv@10.1.2.3@" + args.served_model_name
+    assert args.page_size == 16
     assert c.pod_labels["llm-d.ai/engine-type"] == "sglang"
 
 
