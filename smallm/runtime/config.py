@@ -55,6 +55,8 @@ class ServerArgs:
     log_level: str = "info"
     log_requests: bool = False
     tool_call_parser: str = "hermes"  # reads tool_choice auto output (see tool_parsers/)
+    # tool_choice auto under a structural tag: strict (when a tool is strict), always, off
+    tool_call_structural_tag: str = "strict"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +81,7 @@ class ServerArgs:
             (self.max_request_bytes >= 1024, "--max-request-bytes must be >= 1024"),
             (self.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
             (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
+            (self.tool_call_structural_tag in ("strict", "always", "off"), "--tool-call-structural-tag must be strict, always or off"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
         ]  # fmt: skip
         for ok, message in checks:
@@ -281,6 +284,14 @@ class ServerArgs:
             choices=list(PARSER_NAMES),
             help="how tool calls are read from a completion with tool_choice auto "
             "(hermes: <tool_call>{...}</tool_call>, for ChatML models)",
+        )
+        p.add_argument(
+            "--tool-call-structural-tag",
+            default=default("tool_call_structural_tag"),
+            choices=["strict", "always", "off"],
+            help="constrain tool_choice auto calls to their tool's schema with a structural tag "
+            "(free text until the parser's trigger, e.g. <tool_call>): strict = when some tool "
+            "has strict: true (SGLang's rule), always, or off",
         )
 
     @classmethod
