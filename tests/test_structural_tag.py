@@ -101,7 +101,7 @@ def test_a_bad_argument_is_rejected_where_it_starts(hermes_grammar, default_toke
     assert not ok
     # Everything up to the argument object's opening is fine; the first key's bytes are not.
     assert before.startswith('Sure. <tool_call>\n{"name": "get_weather", "arguments": {')
-    assert "town" not in before and len(before) <= len('Sure. ' + CALL.split('"city"')[0]) + 1
+    assert "town" not in before and len(before) <= len("Sure. " + CALL.split('"city"')[0]) + 1
     # A wrong value type, an unknown tool and an unfinished call are rejected too.
     assert not accepts(hermes_grammar, default_tokenizer, CALL.replace('"celsius"', "5"))
     assert not accepts(hermes_grammar, default_tokenizer, CALL.replace("get_weather", "nope"))
@@ -197,3 +197,184 @@ def test_routing_and_outlines(default_tokenizer):
     llg = create_grammar_backend("llguidance", default_tokenizer, MODEL_VOCAB)
     with pytest.raises(GrammarError):
         llg.compile("structural_tag", json.dumps(bad_schema))
+
+
+# ---- when tool_choice auto gets a tag --------------------------------------------------------
+
+
+def test_auto_structural_tag_modes():
+    from smallm.runtime.config import ServerArgs
+    from smallm.runtime.server.http.tool_calls import auto_structural_tag, tool_request
+
+    def req(strict: bool, choice="auto"):
+        tools = [
+            {"type": "function", "function": {"name": n, "parameters": s, "strict": strict}}
+            for n, s in SCHEMAS.items()
+        ]
+        return tool_request({"tools": tools, "tool_choice": choice})
+
+    hermes, mistral = get_parser("hermes"), get_parser("mistral")
+    assert auto_structural_tag(req(True), hermes, "strict") == HERMES_TAG
+    assert auto_structural_tag(req(False), hermes, "strict") is None  # SGLang's rule
+    assert auto_structural_tag(req(False), hermes, "always") == HERMES_TAG
+    assert auto_structural_tag(req(True), hermes, "off") is None
+    assert auto_structural_tag(req(True), mistral, "always") is None  # no text trigger
+    assert auto_structural_tag(req(True, "required"), hermes, "always") is None
+    assert ServerArgs().tool_call_structural_tag == "strict"
+    with pytest.raises(ValueError, match="--tool-call-structural-tag"):
+        ServerArgs(tool_call_structural_tag="sometimes")
+
+
+# ---- the server (default model) --------------------------------------------------------------
+
+CALL_ASK = [{"role": "user", "content": "Call get_weather for Paris in celsius."}]
+PLAIN_ASK = [{"role": "user", "content": "What is 2+2?"}]
+GREEDY = {"temperature": 0, "max_tokens": 80}
+
+
+def weather_tool(strict: bool) -> dict:
+    fn = {"name": "get_weather", "description": "Get the current weather for a city"}
+    return {"type": "function", "function": {**fn, "parameters": WEATHER_SCHEMA, "strict": strict}}
+
+
+def client_for(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def off_server(default_model_dir):
+    from server_process import ServerProcess
+
+    flags = ("--max-total-tokens", "16384", "--tool-call-structural-tag", "off")
+    with ServerProcess(None, *flags) as server:
+        yield server
+
+
+def valid_calls(message) -> list[tuple[str, dict]]:
+    out = []
+    for call in message.tool_calls:
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, SCHEMAS[call.function.name])
+        out.append((call.function.name, args))
+    return out
+
+
+def test_auto_with_a_strict_tool_gives_valid_calls_and_free_text(default_server):
+    client = client_for(default_server)
+    resp = client.chat.completions.create(
+        model="m", messages=CALL_ASK, tools=[weather_tool(True)], **GREEDY
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert valid_calls(choice.message) == [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    # A prompt that needs no tool is still answered as text under the same tag.
+    plain = client.chat.completions.create(
+        model="m", messages=PLAIN_ASK, tools=[weather_tool(True)], **GREEDY
+    ).choices[0]
+    assert plain.message.content and "4" in plain.message.content
+    assert not plain.message.tool_calls and plain.finish_reason == "stop"
+
+
+def test_streamed_auto_with_the_tag_reassembles(default_server):
+    client = client_for(default_server)
+    kw = dict(model="m", messages=CALL_ASK, tools=[weather_tool(True)], **GREEDY)
+    whole = client.chat.completions.create(**kw).choices[0].message
+    content, calls, reason = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                entry["name"] += tc.function.name or ""
+                entry["arguments"] += tc.function.arguments or ""
+            reason = ch.finish_reason or reason
+    assert reason == "tool_calls" and not content.strip()
+    got = [(c["name"], json.loads(c["arguments"])) for c in calls.values()]
+    assert got == valid_calls(whole)
+
+
+def test_flag_off_leaves_auto_unconstrained(default_server, off_server):
+    def message(server, strict: bool):
+        return (
+            client_for(server)
+            .chat.completions.create(
+                model="m", messages=CALL_ASK, tools=[weather_tool(strict)], **GREEDY
+            )
+            .choices[0]
+            .message
+        )
+
+    free = message(default_server, False)  # no strict tool: no tag under the default flag
+    off = message(off_server, True)  # a strict tool, but --tool-call-structural-tag off
+    tagged = message(default_server, True)
+    assert off.model_dump(exclude={"tool_calls"}) == free.model_dump(exclude={"tool_calls"})
+    args = [[c.function.arguments for c in m.tool_calls or []] for m in (off, free, tagged)]
+    assert args[0] == args[1]  # the same text as the run with no constraint at all
+    assert args[0] != args[2]  # (on this prompt the free run adds schema keys to the arguments)
+
+
+def test_native_generate_with_a_structural_tag(default_server):
+    body = {
+        "messages": CALL_ASK,
+        "tools": [weather_tool(False)],
+    }
+    ids = requests.post(default_server.url + "/tokenize", json=body, timeout=60).json()["tokens"]
+    tag = get_parser("hermes").structural_tag([("get_weather", WEATHER_SCHEMA)])
+    sp = {"temperature": 0, "max_new_tokens": 80, "structural_tag": json.dumps(tag)}
+    r = requests.post(
+        default_server.url + "/generate",
+        json={"input_ids": ids, "sampling_params": sp},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    text = r.json()["text"]
+    (call,) = get_parser("hermes").parse(text).calls
+    jsonschema.validate(json.loads(call.arguments), WEATHER_SCHEMA)
+    bad = {**sp, "structural_tag": json.dumps({"structures": [], "triggers": ["<a>"]})}
+    r = requests.post(
+        default_server.url + "/generate", json={"text": "x", "sampling_params": bad}, timeout=60
+    )
+    assert r.status_code == 400 and "invalid structural_tag" in r.json()["error"]["message"]
+    both = {**sp, "regex": "a+"}
+    r = requests.post(
+        default_server.url + "/generate", json={"text": "x", "sampling_params": both}, timeout=60
+    )
+    assert r.status_code == 400 and "at most one" in r.json()["error"]["message"]
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_structural_tag(default_server):
+    client = client_for(default_server)
+    tag = {
+        "type": "structural_tag",
+        "structures": [{"begin": "```json\n", "schema": CITY, "end": "\n```"}],
+        "triggers": ["```json"],
+    }
+    ask = [{"role": "user", "content": "Give me a JSON object describing Paris, in a ```json code block."}]  # fmt: skip
+    text = (
+        client.chat.completions.create(model="m", messages=ask, response_format=tag, **GREEDY)
+        .choices[0]
+        .message.content
+    )
+    assert text.startswith("```json\n")
+    block = text[len("```json\n") :].split("\n```")[0]
+    jsonschema.validate(json.loads(block), CITY)
+    assert "\n```" in text  # the end tag was written, then free text went on
+    for rf, message in [
+        ({**tag, "triggers": []}, "response_format triggers must be a non-empty list"),
+        ({**tag, "triggers": ["<x>"]}, "does not start with any trigger"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client.chat.completions.create(model="m", messages=ask, response_format=rf)
+        assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError, match="give one output constraint"):
+        client.chat.completions.create(
+            model="m", messages=ask, response_format=tag, extra_body={"regex": "a"}
+        )
