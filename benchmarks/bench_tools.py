@@ -1,30 +1,36 @@
 """Tool-call validity and the latency cost of constraining a call, through the HTTP server.
 
-50 generated tool-use prompts (10 tools x 5 requests each) are sent to ``/v1/chat/completions``
-with all 10 tools, greedy, one at a time, three ways:
+50 generated tool-use prompts (10 tools x 5 requests each) are sent, streamed, to
+``/v1/chat/completions`` with all 10 tools, greedy, one at a time, four ways:
 
 1. ``auto``: the model chooses; the ``--tool-call-parser`` (hermes) reads its output;
-2. ``required``: the constrained decoder enforces an array of ``{name, arguments}`` calls;
-3. named (``tool_choice`` = the intended tool): the decoder enforces that tool's parameters.
+2. ``auto+tag``: the same tools marked ``"strict": true``, so that under the server's default
+   ``--tool-call-structural-tag strict`` a structural tag constrains every call the model opens
+   (free text until ``<tool_call>``, then the tool's parameters until ``</tool_call>``); the
+   prompt is the same token for token (``strict`` does not reach the template);
+3. ``required``: the constrained decoder enforces an array of ``{name, arguments}`` calls;
+4. named (``tool_choice`` = the intended tool): the decoder enforces that tool's parameters.
 
 A call is *valid* when it parsed, names a known tool and its arguments validate (jsonschema)
 against that tool's parameters; "right tool" also checks the name is the intended one.
+Per-token latency: each streamed reply's time from its first to its last chunk over its
+completion tokens after the first (median over the prompts).
 
-Latency: for each prompt, a streamed native ``/generate`` of the named call's constrained
-output (``json_schema`` = the tool's parameters) is compared with an unconstrained generation
-of the same number of tokens (``ignore_eos``) from the same prompt; the cost per token is the
-time from the first to the last streamed chunk divided by the tokens after the first.
+Constraint cost: for each prompt, a streamed native ``/generate`` of the named call's
+constrained output (``json_schema`` = the tool's parameters) is compared with an unconstrained
+generation of the same number of tokens (``ignore_eos``) from the same prompt.
 
     python benchmarks/bench_tools.py [--url http://127.0.0.1:30000] [--num 50] [--quick]
 
-Without ``--url`` it starts a server on the default model (``--disable-jump-forward`` with
-``--no-jump-forward``).
+Without ``--url`` it starts a server on the default model with its default settings
+(``--disable-jump-forward`` with ``--no-jump-forward``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -82,9 +88,10 @@ def prompts(num: int) -> list[tuple[str, str]]:
     return out[:num]
 
 
-def openai_tools() -> list[dict]:
+def openai_tools(strict: bool = False) -> list[dict]:
+    fn = {"strict": True} if strict else {}
     return [
-        {"type": "function", "function": {"name": n, "description": d, "parameters": p}}
+        {"type": "function", "function": {"name": n, "description": d, "parameters": p, **fn}}
         for n, (d, p) in TOOLS.items()
     ]
 
@@ -106,19 +113,52 @@ def valid_calls(message: dict) -> tuple[bool, list[str]]:
     return True, names
 
 
-def chat(url: str, ask: str, choice, max_tokens: int) -> tuple[dict, float]:
+def chat(url: str, ask: str, mode: str, intended: str, max_tokens: int) -> tuple[dict, float]:
+    """One streamed chat completion: (the reassembled message, seconds per token after the
+    first, or nan with fewer than 2 tokens)."""
+    choice: object = mode
+    if mode == "named":
+        choice = {"type": "function", "function": {"name": intended}}
+    elif mode == "auto+tag":
+        choice = "auto"
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": ask}],
-        "tools": openai_tools(),
+        "tools": openai_tools(strict=mode == "auto+tag"),
         "tool_choice": choice,
         "temperature": 0,
         "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    t = time.perf_counter()
-    r = requests.post(url + "/v1/chat/completions", json=body, timeout=300)
-    r.raise_for_status()
-    return r.json(), time.perf_counter() - t
+    content, calls, tokens = "", {}, 0
+    first = last = None
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"]:
+                continue
+            now = time.perf_counter()
+            first = first if first is not None else now
+            last = now
+            delta = chunk["choices"][0]["delta"]
+            content += delta.get("content") or ""
+            for tc in delta.get("tool_calls") or []:
+                entry = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
+                fn = tc.get("function") or {}
+                entry["name"] += fn.get("name") or ""
+                entry["arguments"] += fn.get("arguments") or ""
+    message = {
+        "content": content,
+        "tool_calls": [{"function": calls[i]} for i in sorted(calls)],
+    }
+    per_token = (last - first) / (tokens - 1) if tokens > 1 and first is not None else math.nan
+    return message, per_token
 
 
 def stream_generate(url: str, ids: list[int], sp: dict) -> tuple[int, float]:
@@ -138,34 +178,33 @@ def stream_generate(url: str, ids: list[int], sp: dict) -> tuple[int, float]:
     return tokens, (last - first) if first is not None else 0.0
 
 
+MODES = ("auto", "auto+tag", "required", "named")
+
+
 def run(url: str, num: int, max_tokens: int) -> dict:
     results: dict = {}
     cases = prompts(num)
-    named_outputs = []
-    for mode in ("auto", "required", "named"):
+    for mode in MODES:
         ok = right = 0
-        lat = []
+        per_token = []
         for name, ask in cases:
-            choice = {"type": "function", "function": {"name": name}} if mode == "named" else mode
-            resp, dt = chat(url, ask, choice, max_tokens)
-            lat.append(dt)
-            good, names = valid_calls(resp["choices"][0]["message"])
+            message, pt = chat(url, ask, mode, name, max_tokens)
+            if not math.isnan(pt):
+                per_token.append(pt)
+            good, names = valid_calls(message)
             ok += good
             right += good and names[:1] == [name]
-            if mode == "named":
-                named_outputs.append((name, ask, resp["usage"]["completion_tokens"]))
+        ms = statistics.median(per_token) * 1e3 if per_token else math.nan
         results[mode] = {
             "valid": ok / len(cases),
             "right_tool": right / len(cases),
-            "mean_latency_s": statistics.mean(lat),
+            "ms_per_token": ms,
         }
         print(f"{mode:9s} valid {ok}/{len(cases)}  right tool {right}/{len(cases)}  "
-              f"mean latency {statistics.mean(lat):.2f} s", flush=True)  # fmt: skip
+              f"per token {ms:.1f} ms (median)", flush=True)  # fmt: skip
     # Per-token cost of the constraint: same prompt, same token count, constrained or not.
     con, free = [], []
-    for name, ask, n in named_outputs:
-        if n < 4:
-            continue
+    for name, ask in cases:
         tok = requests.post(url + "/tokenize", json={"messages": [{"role": "user", "content": ask}], "tools": openai_tools(), "tool_choice": {"type": "function", "function": {"name": name}}}, timeout=60).json()["tokens"]  # fmt: skip
         schema = json.dumps(TOOLS[name][1])
         k1, t1 = stream_generate(
@@ -189,6 +228,26 @@ def run(url: str, num: int, max_tokens: int) -> dict:
     return results
 
 
+def cpu_line() -> str:
+    """The CPU's model name and its AVX-512 / AMX flags (from /proc/cpuinfo, as lscpu shows)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    wanted = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    present = [f for f in wanted if f in flags] or ["no avx512/amx"]
+    return f"{model} [{' '.join(present)}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
@@ -201,7 +260,7 @@ def main() -> None:
     import torch
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"cpu: {cpu_line()}, torch {torch.__version__}, "
           f"isa {torch.backends.cpu.get_cpu_capability()}, cores {os.cpu_count()}")  # fmt: skip
     if args.url:
         print(json.dumps(run(args.url, num, args.max_tokens), indent=1))

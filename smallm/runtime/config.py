@@ -65,6 +65,8 @@ class ServerArgs:
     # KV-cache events (server/kv_events.py): the block size in tokens, and SGLang's JSON config
     page_size: int = 1
     kv_events_config: str | None = None
+    # tool_choice auto under a structural tag: strict (when a tool is strict), always, off
+    tool_call_structural_tag: str = "strict"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +93,7 @@ class ServerArgs:
             (self.dp_size >= 1, "--dp-size must be >= 1"),
             (self.load_balance_method in LOAD_BALANCE_METHODS, f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}"),
             (self.tool_call_parser in PARSER_NAMES, f"--tool-call-parser must be one of {', '.join(PARSER_NAMES)}"),
+            (self.tool_call_structural_tag in ("strict", "always", "off"), "--tool-call-structural-tag must be strict, always or off"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
             (isinstance(self.page_size, int) and self.page_size >= 1, "--page-size must be an integer >= 1"),
         ]  # fmt: skip
@@ -328,6 +331,14 @@ class ServerArgs:
             help='publish KV-cache events (SGLang\'s JSON), e.g. \'{"publisher": "zmq", '
             '"endpoint": "tcp://*:5557", "topic": "", "replay_endpoint": null, '
             '"buffer_steps": 10000}\'; data-parallel replica r uses port + r',
+        )
+        p.add_argument(
+            "--tool-call-structural-tag",
+            default=default("tool_call_structural_tag"),
+            choices=["strict", "always", "off"],
+            help="constrain tool_choice auto calls to their tool's schema with a structural tag "
+            "(free text until the parser's trigger, e.g. <tool_call>): strict = when some tool "
+            "has strict: true (SGLang's rule), always, or off",
         )
 
     @classmethod

@@ -1,7 +1,7 @@
 """The contracts every grammar backend implements.
 
-A ``GrammarBackend`` turns a request's constraint (a regex, a JSON schema, a list of choices or
-an EBNF/Lark grammar) into a ``Grammar``: the per-request matcher the scheduler drives once per
+A ``GrammarBackend`` turns a request's constraint (a regex, a JSON schema, a list of choices, an
+EBNF/Lark grammar or a structural tag) into a ``Grammar``: the per-request matcher the scheduler drives once per
 decode step. Compilation is the expensive part (milliseconds to a second); a compiled grammar
 is cached and every request gets its own ``copy()``, which shares the compiled tables.
 
@@ -21,7 +21,7 @@ import torch
 __all__ = ["GRAMMAR_KINDS", "Grammar", "GrammarBackend", "GrammarError"]
 
 # The constraint kinds a backend may be asked to compile.
-GRAMMAR_KINDS = ("regex", "json_schema", "choices", "ebnf")
+GRAMMAR_KINDS = ("regex", "json_schema", "choices", "ebnf", "structural_tag")
 
 
 class GrammarError(ValueError):
@@ -111,7 +111,9 @@ class GrammarBackend(ABC):
         - ``regex``: the whole output must match (full match, not search);
         - ``json_schema``: a JSON schema as a string;
         - ``choices``: a JSON list of strings; the output is exactly one of them;
-        - ``ebnf``: a Lark or GBNF-style grammar (backends that support it).
+        - ``ebnf``: a Lark or GBNF-style grammar (backends that support it);
+        - ``structural_tag``: SGLang's structural tag as JSON (free text; a trigger opens a
+          structure constrained to its schema; see ``structural_tag.py``), llguidance only.
 
         Raises ``GrammarError`` for invalid input or unenforceable constraints. Thread-safe:
         the grammar compiler calls it from worker threads.

@@ -1,4 +1,4 @@
-"""The llguidance backend: JSON schema, regex, choices and EBNF/Lark grammars.
+"""The llguidance backend: JSON schema, regex, choices, EBNF/Lark grammars and structural tags.
 
 llguidance (1.9) runs an Earley parser over a lexer of derivative-based regexes, computing each
 step's token mask lazily over a token trie: compiling takes about a millisecond (outlines-core
@@ -31,6 +31,7 @@ from smallm.runtime.constrained.regex_utils import (
     parse_choices,
     strip_anchors,
 )
+from smallm.runtime.constrained.structural_tag import parse_structural_tag, structural_tag_lark
 from smallm.runtime.constrained.vocab import (
     TokenVocabulary,
     cached_per_tokenizer,
@@ -171,7 +172,7 @@ class LLGuidanceBackend(GrammarBackend):
         self._ll_words = (self.ll_tokenizer.vocab_size + 31) // 32
 
     def supports(self, kind: str) -> bool:
-        return kind in ("regex", "json_schema", "choices", "ebnf")
+        return kind in ("regex", "json_schema", "choices", "ebnf", "structural_tag")
 
     def json_options(self) -> dict[str, Any]:
         """The llguidance JSON compile options we force (strict, bounded whitespace)."""
@@ -211,6 +212,9 @@ class LLGuidanceBackend(GrammarBackend):
             return LLMatcher.grammar_from_regex(ascii_digit_classes(strip_anchors(spec)))
         if kind == "choices":
             return LLMatcher.grammar_from_regex(choices_regex(parse_choices(spec)))
+        if kind == "structural_tag":
+            lark = structural_tag_lark(parse_structural_tag(spec), self.json_options())
+            return llguidance.grammar_from("lark", lark)
         try:
             # Lark passes through; GBNF (``root ::= ...``) is converted to Lark.
             return llguidance.grammar_from("ebnf", spec)

@@ -274,7 +274,7 @@ class OutlinesBackend(GrammarBackend):
             return schema_to_regex(spec, self.whitespace_pattern)
         if kind == "choices":
             return choices_regex(parse_choices(spec))
-        raise GrammarError("the outlines backend does not support ebnf grammars; use llguidance")
+        raise GrammarError(f"the outlines backend does not support {kind} grammars; use llguidance")
 
     def compile(self, kind: str, spec: str) -> OutlinesGrammar:
         from outlines_core import Index

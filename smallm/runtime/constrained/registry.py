@@ -17,13 +17,18 @@ BACKEND_NAMES = ("outlines", "llguidance")
 #   schema), so a new schema never stalls the grammar queue.
 # - regex, choices: outlines. Its precomputed index makes each mask a ~2 us copy (llguidance
 #   computes masks lazily, tens of us), and these specs are small, so its compile is short.
-# - ebnf: llguidance, the only backend with context-free grammars.
+# - ebnf, structural_tag: llguidance, the only backend with context-free grammars (a structural
+#   tag's free text is a lexeme "any text & not containing a trigger", which needs llguidance's
+#   lexeme intersection and negation too).
 DEFAULT_BACKENDS = {
     "json_schema": "llguidance",
     "regex": "outlines",
     "choices": "outlines",
     "ebnf": "llguidance",
+    "structural_tag": "llguidance",
 }
+# Kinds only llguidance compiles, whatever --grammar-backend says.
+LLGUIDANCE_ONLY = ("ebnf", "structural_tag")
 
 
 def create_grammar_backend(
@@ -49,7 +54,8 @@ def backend_for(kind: str, default_name: str | None = None) -> str:
 
     ``default_name`` is the server's ``--grammar-backend``: None or "auto" picks the per-kind
     default (``DEFAULT_BACKENDS``); a named backend is used for every kind it supports, and
-    ``ebnf`` always goes to llguidance (outlines has no context-free grammars).
+    ``ebnf`` and ``structural_tag`` always go to llguidance (outlines has no context-free
+    grammars).
     """
     check_kind(kind)
     if default_name in (None, "", "auto"):
@@ -58,6 +64,6 @@ def backend_for(kind: str, default_name: str | None = None) -> str:
         raise GrammarError(
             f"unknown grammar backend {default_name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}"
         )
-    if kind == "ebnf":
+    if kind in LLGUIDANCE_ONLY:
         return "llguidance"
     return default_name

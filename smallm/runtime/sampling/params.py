@@ -46,7 +46,11 @@ def _as_bool(name: str, value: Any) -> bool:
 def _as_opt_str(name: str, value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    hint = " (a JSON string: serialise the schema with json.dumps)" if name == "json_schema" else ""
+    hint = (
+        " (a JSON string: serialise it with json.dumps)"
+        if name in ("json_schema", "structural_tag")
+        else ""
+    )
     raise SamplingParamsError(f"{name} must be a string{hint}, got {type(value).__name__}")
 
 
@@ -102,7 +106,7 @@ _BOOL_FIELDS = (
     "spaces_between_special_tokens",
     "no_stop_trim",
 )
-_GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
+_GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 _COERCE = {
     **dict.fromkeys(_INT_FIELDS, _as_int),
@@ -143,6 +147,9 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # SGLang's structural tag as a JSON string: {"structures": [{"begin", "schema", "end"}],
+    # "triggers": [...]} (free text; a trigger opens a structure checked against its schema).
+    structural_tag: str | None = None
     seed: int | None = None
     # Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).
     logit_bias: dict[int, float] | None = None
@@ -211,7 +218,8 @@ class SamplingParams:
         grammars = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None]
         if len(grammars) > 1:
             raise SamplingParamsError(
-                f"at most one of regex/json_schema/ebnf may be set, got {', '.join(grammars)}"
+                "at most one of regex/json_schema/ebnf/structural_tag may be set, got "
+                + ", ".join(grammars)
             )
         for tok, bias in (self.logit_bias or {}).items():
             _check(-100.0 <= bias <= 100.0, "logit_bias", "values must be in [-100, 100]", bias)

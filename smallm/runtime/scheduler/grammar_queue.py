@@ -1,6 +1,6 @@
 """Requests whose grammar is still compiling: they wait here, off the batch, while others run.
 
-A request with ``regex``, ``json_schema`` or ``ebnf`` enters the queue on arrival; its grammar
+A request with ``regex``, ``json_schema``, ``ebnf`` or ``structural_tag`` enters the queue on arrival; its grammar
 compiles in the compiler's worker thread (cached by backend, kind and spec). Each scheduler
 step polls the queue without blocking: compiled requests move on to the waiting queue with
 their own matcher, failed ones (invalid spec, unenforceable keyword, timeout) are answered with
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def grammar_spec(params: SamplingParams) -> tuple[str, str] | None:
     """The request's constraint as (kind, spec), or None when it is unconstrained."""
-    for kind in ("regex", "json_schema", "ebnf"):
+    for kind in ("regex", "json_schema", "ebnf", "structural_tag"):
         spec = getattr(params, kind)
         if spec is not None:
             return kind, spec

@@ -4,9 +4,11 @@ Clients spell "constrain the output" many ways: OpenAI's ``response_format``; SG
 extras ``regex`` / ``json_schema`` / ``ebnf``; vLLM's ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` (sent by guidance and LangChain's vLLM client); vLLM's
 newer ``structured_outputs: {json, regex, choice, grammar}``; and a named or ``required``
-``tool_choice``. Each becomes one native ``regex``, ``json_schema`` (a JSON string) or ``ebnf``
-(Lark, or GBNF converted to Lark, compiled by llguidance). A request may use only one of them;
-two is a 400 naming both, never a silent pick.
+``tool_choice``; SGLang's ``response_format: {"type": "structural_tag", "structures": [...],
+"triggers": [...]}``. Each becomes one native ``regex``, ``json_schema`` (a JSON string),
+``ebnf`` (Lark, or GBNF converted to Lark, compiled by llguidance) or ``structural_tag`` (JSON,
+compiled by llguidance). A request may use only one of them; two is a 400 naming both, never a
+silent pick. (``tool_choice: auto`` may add a structural tag of its own: ``tool_calls.py``.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from smallm.runtime.constrained.base import GrammarError
 from smallm.runtime.constrained.regex_utils import choices_regex
+from smallm.runtime.constrained.structural_tag import parse_structural_tag
 from smallm.runtime.server.http.errors import ApiError
 
 
@@ -23,7 +27,7 @@ from smallm.runtime.server.http.errors import ApiError
 class Constraint:
     """One native grammar field and the client field it came from (for error messages)."""
 
-    native: str  # "regex" | "json_schema" | "ebnf"
+    native: str  # "regex" | "json_schema" | "ebnf" | "structural_tag"
     spec: str
     source: str  # the client's field name, e.g. "guided_json" or "structured_outputs.choice"
 
@@ -55,6 +59,17 @@ def _choice(value: Any, source: str) -> str:
     return choices_regex(value)
 
 
+def structural_tag_text(value: Any, source: str) -> str:
+    """A structural tag (JSON text or object), checked, as the native field's JSON string."""
+    try:
+        return parse_structural_tag(value).to_json()
+    except GrammarError as e:
+        text = str(e)
+        if source != "structural_tag":
+            text = text.replace("structural_tag", source, 1)
+        raise _bad(source.split(".")[0], text) from None
+
+
 # (client field, native field, converter)
 _GUIDED = (
     ("json", "json_schema", _schema_text),
@@ -62,6 +77,16 @@ _GUIDED = (
     ("choice", "regex", _choice),
     ("grammar", "ebnf", _string),
 )
+
+
+# SGLang's native extras on the OpenAI routes: (field, converter)
+_NATIVE = (
+    ("regex", _string),
+    ("json_schema", _schema_text),
+    ("ebnf", _string),
+    ("structural_tag", structural_tag_text),
+)
+NATIVE_GRAMMAR_FIELDS = tuple(name for name, _ in _NATIVE)
 
 
 def response_format_constraint(rf: Any) -> Constraint | None:
@@ -88,23 +113,25 @@ def response_format_constraint(rf: Any) -> Constraint | None:
             )
         # strict or not, the schema is enforced by the constrained decoder.
         return Constraint("json_schema", json.dumps(schema), "response_format")
+    if kind == "structural_tag":
+        # SGLang's shape: the tag's fields sit beside "type" in response_format itself.
+        spec = structural_tag_text(rf, "response_format")
+        return Constraint("structural_tag", spec, "response_format")
     raise _bad(
         "response_format",
-        "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
-        f"{{'type': 'json_schema', 'json_schema': {{...}}}}, got {rf!r}",
+        "response_format must be {'type': 'text'}, {'type': 'json_object'}, "
+        "{'type': 'json_schema', 'json_schema': {...}} or "
+        f"{{'type': 'structural_tag', 'structures': [...], 'triggers': [...]}}, got {rf!r}",
     )
 
 
 def request_constraints(body: dict) -> list[Constraint]:
     """Every constraint the body asks for, in any of the spellings (checked, not yet merged)."""
     found: list[Constraint] = []
-    for native in ("regex", "json_schema", "ebnf"):
+    for native, convert in _NATIVE:
         value = body.get(native)
         if value is not None:
-            spec = (
-                _schema_text(value, native) if native == "json_schema" else _string(value, native)
-            )
-            found.append(Constraint(native, spec, native))
+            found.append(Constraint(native, convert(value, native), native))
     for name, native, convert in _GUIDED:
         value = body.get(f"guided_{name}")
         if value is not None:
@@ -141,7 +168,7 @@ def single_constraint(found: list[Constraint]) -> Constraint | None:
 
 def apply_constraint(body: dict, c: Constraint | None) -> dict:
     """``body`` with the constraint as its native field (and the other spellings removed)."""
-    out = {k: v for k, v in body.items() if k not in ("regex", "json_schema", "ebnf")}
+    out = {k: v for k, v in body.items() if k not in NATIVE_GRAMMAR_FIELDS}
     if c is not None:
         out[c.native] = c.spec
     return out

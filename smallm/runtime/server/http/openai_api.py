@@ -35,7 +35,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[SERVER]
     oc = proto.chat_call(
-        await read_json(request), ctx.tokenizer, ctx.info.context_length, ctx.tool_parser
+        await read_json(request),
+        ctx.tokenizer,
+        ctx.info.context_length,
+        ctx.tool_parser,
+        ctx.args.tool_call_structural_tag,
     )
     return await _run(request, ctx, oc, "chatcmpl", "chat.completion", proto.chat_choice)
 

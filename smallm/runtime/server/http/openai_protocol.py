@@ -19,6 +19,7 @@ from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 from smallm.runtime.server.http.errors import ApiError
 from smallm.runtime.server.http.guided import (
+    NATIVE_GRAMMAR_FIELDS,
     Constraint,
     apply_constraint,
     request_constraints,
@@ -27,6 +28,7 @@ from smallm.runtime.server.http.guided import (
 from smallm.runtime.server.http.tool_calls import (
     ToolOutput,
     ToolRequest,
+    auto_structural_tag,
     constraint_schema,
     enforced_calls,
     fallback_messages,
@@ -53,9 +55,7 @@ NATIVE_EXTRAS = (
     "top_k",
     "min_p",
     "repetition_penalty",
-    "regex",
-    "json_schema",
-    "ebnf",
+    *NATIVE_GRAMMAR_FIELDS,
     "ignore_eos",
     "stop_token_ids",
     "skip_special_tokens",
@@ -350,9 +350,16 @@ def render_chat_prompt(
         raise _bad("messages", f"the chat template rejected the messages: {e}") from None
 
 
-def _constrained_body(body: dict, tools: ToolRequest | None, names: dict[str, str]) -> dict:
-    """``body`` with its one output constraint (any spelling, or an enforced tool choice) as
-    the native grammar field; ``names`` learns the client's name for it."""
+def _constrained_body(
+    body: dict,
+    tools: ToolRequest | None,
+    names: dict[str, str],
+    parser: ToolCallParser | None = None,
+    structural_tag_mode: str = "off",
+) -> dict:
+    """``body`` with its one output constraint (any spelling, an enforced tool choice, or the
+    structural tag of an auto choice) as the native grammar field; ``names`` learns the
+    client's name for it."""
     found = request_constraints(body)
     if tools is not None and tools.enforced:
         param = "function_call" if tools.legacy else "tool_choice"
@@ -363,6 +370,12 @@ def _constrained_body(body: dict, tools: ToolRequest | None, names: dict[str, st
                 f"combined with {found[0].source}",
             )
         found.append(Constraint("json_schema", json.dumps(constraint_schema(tools)), param))
+    elif tools is not None and parser is not None and not found:
+        # auto with no constraint of the client's own: free text, calls checked (if enabled).
+        tag = auto_structural_tag(tools, parser, structural_tag_mode)
+        if tag is not None:
+            param = "function_call" if tools.legacy else "tool_choice"
+            found.append(Constraint("structural_tag", json.dumps(tag, ensure_ascii=False), param))
     c = single_constraint(found)
     if c is not None:
         names[c.native] = c.source
@@ -370,11 +383,16 @@ def _constrained_body(body: dict, tools: ToolRequest | None, names: dict[str, st
 
 
 def chat_call(
-    body: Any, tokenizer: Any, context_length: int, parser: ToolCallParser | None = None
+    body: Any,
+    tokenizer: Any,
+    context_length: int,
+    parser: ToolCallParser | None = None,
+    structural_tag_mode: str = "strict",
 ) -> OpenAICall:
     """Check a ``/v1/chat/completions`` body, render and tokenize it, and build its call.
 
-    ``parser`` is the server's ``--tool-call-parser`` (for ``tool_choice: auto``).
+    ``parser`` is the server's ``--tool-call-parser`` (for ``tool_choice: auto``);
+    ``structural_tag_mode`` its ``--tool-call-structural-tag`` (strict, always, off).
     """
     body = _base(body)
     messages = chat_messages(body.get("messages"))
@@ -390,7 +408,7 @@ def chat_call(
         limit_name = "max_completion_tokens"
     max_tokens = opt_int(body, limit_name, 0)
     names = _names(limit_name, "messages")
-    body = _constrained_body(body, tools, names)
+    body = _constrained_body(body, tools, names, parser, structural_tag_mode)
     if tools is not None and tools.choice == "auto" and parser is None:
         raise _bad("tool_choice", "tool_choice auto needs a server started with --tool-call-parser")
     if tools is not None and tools.choice == "auto" and parser.needs_special_tokens:  # type: ignore[union-attr]

@@ -50,7 +50,24 @@ _SAMPLING = {
 _ROUTES: dict[tuple[str, str], tuple[str, dict | None]] = {
     ("POST", "/generate"): (
         "SGLang-native generation",
-        _obj(text=_ANY, input_ids=_ANY, sampling_params=_ANY, stream=_BOOL, return_logprob=_ANY),
+        _obj(
+            text=_ANY,
+            input_ids=_ANY,
+            sampling_params=_obj(
+                max_new_tokens=_INT,
+                temperature=_NUM,
+                regex=_STR,
+                json_schema=_STR,
+                ebnf=_STR,
+                structural_tag={
+                    "type": "string",
+                    "description": 'JSON: {"structures": [{"begin", "schema", "end"}], '
+                    '"triggers": [...]}',
+                },
+            ),
+            stream=_BOOL,
+            return_logprob=_ANY,
+        ),
     ),
     ("POST", "/v1/completions"): (
         "OpenAI completions",

@@ -238,7 +238,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     chat = chat_body(body)
     try:
-        oc = proto.chat_call(chat, ctx.tokenizer, ctx.info.context_length, ctx.tool_parser)
+        oc = proto.chat_call(
+            chat,
+            ctx.tokenizer,
+            ctx.info.context_length,
+            ctx.tool_parser,
+            ctx.args.tool_call_structural_tag,
+        )
     except ApiError as e:  # name the Responses field, not the chat field it became
         raise ApiError(e.status, e.message, _PUBLIC.get(e.param or "", e.param)) from None
     oc.include_usage = True

@@ -9,7 +9,9 @@ how a call is enforced or parsed, and the ``tool_calls`` the response carries.
 - A named or ``required`` choice is *enforced*: the constrained decoder generates JSON that
   matches `constraint_schema` (the tool's parameters, or an array of ``{name, arguments}``),
   so the arguments always parse and validate. ``auto`` lets the model choose, and its output
-  is split by the ``--tool-call-parser`` (see ``tool_parsers/``).
+  is split by the ``--tool-call-parser`` (see ``tool_parsers/``); with a structural tag
+  (`auto_structural_tag`, ``--tool-call-structural-tag``) the text stays free but every call
+  the model opens is constrained to its tool's parameters until the call's end tag.
 """
 
 from __future__ import annotations
@@ -191,6 +193,27 @@ def constraint_schema(req: ToolRequest) -> dict | None:
     if not req.parallel:
         schema["maxItems"] = 1
     return schema
+
+
+STRUCTURAL_TAG_MODES = ("strict", "always", "off")
+
+
+def auto_structural_tag(req: ToolRequest, parser: ToolCallParser, mode: str) -> dict | None:
+    """The structural tag that constrains ``tool_choice: auto`` calls, or None (unconstrained).
+
+    ``mode`` is ``--tool-call-structural-tag``: ``off``; ``always``; or ``strict``, which applies
+    the tag only when some tool has ``"strict": true``. That is SGLang's rule: in
+    python/sglang/srt/function_call/function_call_parser.py, ``get_structure_constraint``
+    constrains auto only when ``any(tool.function.strict for tool in self.tools)`` (or its
+    SGLANG_TOOL_STRICT_LEVEL env var says so). Unlike SGLang, which gives non-strict tools an
+    empty schema there, every tool's call is checked against its own parameters. None too when
+    the parser's format has no trigger (`ToolCallParser.structural_tag`).
+    """
+    if req.choice != "auto" or mode == "off":
+        return None
+    if mode == "strict" and not any(t.strict for t in req.tools):
+        return None
+    return parser.structural_tag([(t.name, _arguments_schema(t)) for t in req.tools])
 
 
 def enforced_calls(req: ToolRequest, text: str) -> list[ParsedCall] | None:

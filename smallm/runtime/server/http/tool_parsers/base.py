@@ -99,6 +99,13 @@ class ToolCallParser:
         """The calls written as this model family writes them (for earlier assistant turns)."""
         raise NotImplementedError
 
+    def structural_tag(self, tools: list[tuple[str, dict]]) -> dict | None:
+        """The structural tag that constrains this format's calls, for ``tool_choice: auto``
+        (see ``smallm.runtime.constrained.structural_tag``): ``{"structures": [...],
+        "triggers": [...]}`` with one structure per tool, given as (name, arguments schema).
+        None when the format has no text trigger that opens a call (the default)."""
+        return None
+
     def format_result(self, name: str | None, content: str) -> str:
         """A tool's result as a user-turn message, for templates without a ``tool`` role."""
         return f"<tool_response>\n{content}\n</tool_response>"

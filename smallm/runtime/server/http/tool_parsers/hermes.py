@@ -39,6 +39,20 @@ class HermesParser(MarkerParser):
             calls.append(call)
         return ParseResult(text[:at].rstrip(), calls)
 
+    def structural_tag(self, tools: list[tuple[str, dict]]) -> dict | None:
+        # The call is written exactly as format_calls (and the fallback prompt) spell it, so
+        # the constrained text is what the model was taught: after the trigger, the name is
+        # fixed per structure and only the arguments object is left to the schema.
+        structures = [
+            {
+                "begin": f'{self.marker}\n{{"name": {json.dumps(name)}, "arguments": ',
+                "schema": schema,
+                "end": "}\n</tool_call>",
+            }
+            for name, schema in tools
+        ]
+        return {"structures": structures, "triggers": [self.marker]}
+
     def format_calls(self, calls: list[ParsedCall]) -> str:
         return "\n".join(
             f'<tool_call>\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}\n</tool_call>'

@@ -15,6 +15,8 @@ from smallm.runtime.server.http.tool_parsers.base import (
 
 class JsonParser(LeadingParser):
     name = "json"
+    # No structural tag (structural_tag() returns None): the call is the whole output, with
+    # no trigger string before it (named/required choices constrain it as JSON instead).
     leads = ("{", "[")
 
     def parse(self, text: str) -> ParseResult:

@@ -17,6 +17,9 @@ PYTHON_TAG = "<|python_tag|>"
 
 class Llama3Parser(LeadingParser):
     name = "llama3"
+    # No structural tag (structural_tag() returns None): a call is the whole output, known by
+    # how it starts ("{" or the special token <|python_tag|>); making "{" a trigger would ban
+    # it from every plain answer.
     leads = ("{", PYTHON_TAG, "<")
     needs_special_tokens = True
 

@@ -15,6 +15,9 @@ from smallm.runtime.server.http.tool_parsers.base import (
 
 class MistralParser(MarkerParser):
     name = "mistral"
+    # No structural tag (structural_tag() returns None): the marker [TOOL_CALLS] is a special
+    # token, which grammars never allow (they work on text bytes), and all calls share one
+    # JSON array instead of a begin/end pair per call.
     marker = "[TOOL_CALLS]"
     needs_special_tokens = True
 

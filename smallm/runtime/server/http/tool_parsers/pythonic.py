@@ -15,6 +15,8 @@ from smallm.runtime.server.http.tool_parsers.base import LeadingParser, ParsedCa
 
 class PythonicParser(LeadingParser):
     name = "pythonic"
+    # No structural tag (structural_tag() returns None): calls are Python syntax
+    # ([f(a=1)]), not JSON, so there is no schema to constrain them with, and no trigger.
     leads = ("[",)
 
     def parse(self, text: str) -> ParseResult:
