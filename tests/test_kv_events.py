@@ -257,19 +257,24 @@ def test_golden_frames(zctx):
     assert decode_batch(frames[2][2]) == (TS, [BlockRemoved([h_a[1]])], 0)
 
 
-def test_replica_rank_offsets_port_and_payload(zctx):
-    # Probe with a plain socket: closing one is synchronous (a ZMQ socket's close is not, so
-    # its port may still be held when the publisher binds).
-    base = free_port()
-    while True:  # need base + 1 free as well
+def free_port_pair() -> int:
+    """A free port whose successor is free too (replica 1 publishes on port + 1). Probed with a
+    plain socket: its close is synchronous (a ZMQ socket's is not, so the port could still be
+    held when the publisher binds)."""
+    while True:
+        base = free_port()
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             probe.bind(("0.0.0.0", base + 1))
-            break
+            return base
         except OSError:
-            base = free_port()
+            continue
         finally:
             probe.close()
+
+
+def test_replica_rank_offsets_port_and_payload(zctx):
+    base = free_port_pair()
     args = SimpleNamespace(
         kv_events_config=json.dumps({"publisher": "zmq", "endpoint": f"tcp://*:{base}"}),
         page_size=2,
@@ -564,16 +569,7 @@ def test_each_replica_publishes_its_own_blocks_to_the_indexer(tiny_chat_model_di
     replica that cached it (its answer merges the dp ranks of one worker id)."""
     from server_process import ServerProcess
 
-    base = free_port()
-    while True:  # base + 1 must be free too
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            probe.bind(("0.0.0.0", base + 1))
-            break
-        except OSError:
-            base = free_port()
-        finally:
-            probe.close()
+    base = free_port_pair()
     config = {"publisher": "zmq", "endpoint": f"tcp://*:{base}", "topic": ""}
     flags = ["--page-size", str(PAGE), "--kv-events-config", json.dumps(config)]
     flags += ["--dp-size", "2", "--max-total-tokens", "400"]
