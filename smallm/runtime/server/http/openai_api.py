@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from smallm.runtime.request_builder import RequestError
+from smallm.runtime.request_builder import RequestError, check_dp_rank
 from smallm.runtime.sampling import SamplingParamsError
 from smallm.runtime.server.http import openai_protocol as proto
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_body, read_json
+from smallm.runtime.server.http.router_api import dp_size
 from smallm.runtime.server.http.sse import DONE, event, open_stream
 from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
 
@@ -50,6 +51,7 @@ async def _run(
 ) -> web.StreamResponse:
     """Submit ``oc`` and answer with one JSON response or an SSE stream of chunks."""
     call = oc.call
+    check_dp_rank(call.data_parallel_rank, dp_size(ctx.args))
     if call.rid is None and call.is_single:
         call.rid = uuid.uuid4().hex  # the response id names the native request (abortable)
     try:
