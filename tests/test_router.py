@@ -288,6 +288,28 @@ def test_dp_aware_router_sends_a_rank_the_worker_accepts(cluster):
         kill_group(proc)
 
 
+def test_router_gathers_worker_metrics_and_flushes_their_caches(cluster):
+    router = cluster.routers["round_robin"]
+    text = requests.get(router + "/engine_metrics", timeout=30).text
+    # The router's aggregator spells the names with "_" and adds a worker_addr label.
+    gauges = [line for line in text.splitlines() if line.startswith("sglang_cache_config_info{")]
+    assert len(gauges) == 2 and all(
+        'page_size="1"' in g and 'num_pages="8192"' in g for g in gauges
+    )
+    assert {re.search(r'worker_addr="([^"]+)"', g).group(1) for g in gauges} == set(
+        cluster.worker_urls
+    )
+    # The router's flush reaches the workers: a prompt cached on worker 0 is no longer.
+    worker = cluster.worker_urls[0]
+    body = {"text": "A prompt to cache " * 8, "sampling_params": GREEDY}
+    generate(worker, body)
+    assert generate(worker, body)["meta_info"]["cached_tokens"] > 0
+    r = requests.post(router + "/flush_cache", timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["workers_flushed"] == 2, r.json()
+    assert generate(worker, body)["meta_info"]["cached_tokens"] == 0
+
+
 # ---- the worker contract, on worker 0 directly ----------------------------------------------
 
 
