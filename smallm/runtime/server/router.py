@@ -132,17 +132,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, what: str) ->
     raise RuntimeError(f"{what} did not become healthy within {timeout:.0f}s")
 
 
-def stop_process_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group, then SIGKILL what is left (sglang-router's server outlives
-    a SIGTERM to its launcher)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def stop_process_groups(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process group, wait up to ``grace`` seconds for all of them, then SIGKILL
+    what is left (sglang-router's server outlives a SIGTERM to its launcher)."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group, if any
-    proc.wait()
+            proc.wait(max(deadline - time.monotonic(), 0.0))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group, if any
+        proc.wait()
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 def run_router(plan: RouterPlan) -> int:
@@ -153,13 +165,8 @@ def run_router(plan: RouterPlan) -> int:
     except (ValueError, RouterUnavailable) as e:
         print(f"smallm router: {e}", file=sys.stderr)
         return 2
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # A signal interrupts whatever is running (start-up waits included); `finally` cleans up.
+    old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
     workers: list[subprocess.Popen] = []
     router: subprocess.Popen | None = None
     try:
@@ -175,29 +182,31 @@ def run_router(plan: RouterPlan) -> int:
             urls, plan.port, plan.policy, plan.host, plan.prometheus_port, plan.router_flags
         )
         router = subprocess.Popen(cmd, start_new_session=True)
-        router_url = url_of(
-            plan.host if plan.host not in ("0.0.0.0", "::") else "127.0.0.1", plan.port
+        local = plan.host if plan.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        wait_healthy(
+            url_of(local, plan.port) + "/workers", router, ROUTER_START_TIMEOUT_S, "the router"
         )
-        wait_healthy(router_url + "/workers", router, ROUTER_START_TIMEOUT_S, "the router")
         print(
             f"smallm router ready at {url_of(plan.host, plan.port)} "
             f"({plan.policy}, {plan.workers} workers)",
             flush=True,
         )
-        while not stop and router.poll() is None:
+        # Workers may die (the router's health checks drop them); the router may not.
+        while router.poll() is None:
             time.sleep(0.2)
-        if router.poll() is not None and not stop:
-            print(f"smallm router: the router exited ({router.returncode})", file=sys.stderr)
-            return 1
+        print(f"smallm router: the router exited ({router.returncode})", file=sys.stderr)
+        return 1
+    except _Stopped:
         return 0
     except RuntimeError as e:
         print(f"smallm router: {e}", file=sys.stderr)
         return 1
     finally:
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         if router is not None:
-            stop_process_group(router, grace=2.0)
-        for proc in workers:
-            stop_process_group(proc, grace=30.0)
+            stop_process_groups([router], grace=2.0)
+        stop_process_groups(workers, grace=40.0)
         for s, handler in old.items():
             signal.signal(s, handler)
 
