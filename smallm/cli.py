@@ -1,4 +1,5 @@
-"""The ``smallm`` command line: ``smallm serve [flags]`` and ``smallm generate PROMPT``."""
+"""The ``smallm`` command line: ``smallm serve [flags]``, ``smallm generate PROMPT`` and
+``smallm router --workers N [server flags]`` (N servers behind SGLang's router)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,33 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="serve a model over HTTP (SGLang-native and OpenAI APIs)")
     ServerArgs.add_cli_args(p)
+
+
+def _router_parser(sub: argparse._SubParsersAction) -> None:
+    from smallm.runtime.server.router import add_cli_args
+
+    p = sub.add_parser(
+        "router",
+        help="start N servers behind SGLang's router (pip install 'smallm[router]')",
+        description="Start --workers smallm servers on loopback ports and sglang-router in "
+        "front of them. Flags not listed here go to every server (as for smallm serve).",
+    )
+    add_cli_args(p)
+
+
+def run_router_command(ns: argparse.Namespace, server_flags: list[str]) -> int:
+    from smallm.runtime.config import ServerArgs
+    from smallm.runtime.server.router import plan_from_cli, run_router
+
+    # Check the servers' flags here, so a typo fails before N servers start loading.
+    check = argparse.ArgumentParser(prog="smallm router (server flags)", add_help=False)
+    ServerArgs.add_cli_args(check)
+    try:
+        ServerArgs.from_cli_args(check.parse_args(server_flags))
+    except ValueError as e:
+        print(f"smallm router: {e}", file=sys.stderr)
+        return 2
+    return run_router(plan_from_cli(ns, server_flags))
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -117,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _generate_parser(sub)
-    args = parser.parse_args(argv)
+    _router_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "router":
+        return run_router_command(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
         return run_serve(args)
     logging.basicConfig(

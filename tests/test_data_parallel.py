@@ -5,6 +5,7 @@ output does not depend on batching)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -168,6 +169,12 @@ def test_two_replicas_answer_like_one_and_round_robin_uses_both(tiny_chat_model_
     assert two == one
     placed = [r["num_placed_reqs"] for r in _info(rr_server.url)["replicas"]]
     assert placed[0] >= 4 and placed[1] >= 4, placed
+    # What routers read: one /get_load entry and one series of each gauge per replica.
+    load = requests.get(rr_server.url + "/get_load", timeout=10).json()
+    assert [e["dp_rank"] for e in load] == [0, 1]
+    metrics = requests.get(rr_server.url + "/metrics", timeout=10).text
+    for rank in (0, 1):
+        assert re.search(rf'sglang:num_running_reqs\{{[^}}]*dp_rank="{rank}"', metrics)
     # n > 1 samples of one call may span replicas and still come back complete.
     out = _generate(rr_server.url, "Hello", {**GREEDY, "n": 3})
     assert len(out) == 3 and len({o["text"] for o in out}) == 1

@@ -445,6 +445,11 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
 class DynamoIndexer:
     """``python -m dynamo.indexer`` subscribed to one worker (id 1) at ``zmq_url``; ``workers``
     replaces that with Dynamo's own ``id[:dp_rank]=url,...`` list."""
@@ -574,6 +579,9 @@ def test_each_replica_publishes_its_own_blocks_to_the_indexer(tiny_chat_model_di
     flags = ["--page-size", str(PAGE), "--kv-events-config", json.dumps(config)]
     flags += ["--dp-size", "2", "--max-total-tokens", "400"]
     with ServerProcess(tiny_chat_model_dir, *flags) as server:
+        info = _get_json(server.url + "/server_info")["kv_events"]
+        assert info["endpoints"] == [f"tcp://*:{base}", f"tcp://*:{base + 1}"]
+        assert info["block_size"] == PAGE
         workers = f"1=tcp://127.0.0.1:{base},2:1=tcp://127.0.0.1:{base + 1}"
         indexer = DynamoIndexer("", PAGE, workers=workers)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 
 import pytest
@@ -156,7 +157,8 @@ def test_info_health_flush_routes(tiny_server, tiny_chat_model_dir):
     ):
         base = name.removesuffix("_total")
         assert f"# TYPE {base}" in text, name
-        assert f'{name}{{model_name="' in text or f'{name}_count{{model_name="' in text, name
+        # A model_name label on each (scheduler gauges carry SGLang's rank labels as well).
+        assert re.search(rf'^{name}(_count)?{{[^}}]*\bmodel_name="', text, re.M), name
 
 
 BAD_INPUTS = [

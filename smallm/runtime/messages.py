@@ -29,7 +29,8 @@ class GenerateRequest:
     # /v1/embeddings: prefill the whole prompt (no cached prefix) and return the mean of its
     # last hidden states, L2-normalised, in the final TokenOutput's ``embedding``.
     return_embedding: bool = False
-    # The replica (--dp-size) that must serve it; None: the coordinator chooses.
+    # The replica (--dp-size) a DP-aware router chose for this request (its body's
+    # ``data_parallel_rank``), checked to be in [0, dp_size); None: the server picks.
     data_parallel_rank: int | None = None
 
 

@@ -3,9 +3,17 @@
 Each server owns its registry (no global state): gauges are set from the scheduler's periodic
 `SchedulerStats`, counters and latency histograms are updated by the tokenizer manager as
 requests progress.
+
+Labels follow SGLang's: the front end's counters and histograms carry ``model_name``; the
+scheduler gauges carry ``model_name, engine_type, tp_rank, pp_rank``, and ``dp_rank`` when the
+server runs several data-parallel replicas (one series per replica, as SGLang's schedulers
+each export their own). ``sglang:cache_config_info`` (always 1) carries the KV page geometry
+in its labels, which llm-d's endpoint picker reads.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,15 +27,26 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    """The ``/metrics`` page of one server."""
+    """The ``/metrics`` page of one server.
 
-    def __init__(self, model_name: str):
+    ``dp_size`` > 1 adds the ``dp_rank`` label to the scheduler gauges; ``page_size`` and
+    ``num_pages`` describe the KV cache in ``sglang:cache_config_info``.
+    """
+
+    def __init__(self, model_name: str, dp_size: int = 1, page_size: int = 1, num_pages: int = 0):
         self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.dp_size = dp_size
         labels = ["model_name"]
         r = self.registry
+        # SGLang's scheduler labels; one tensor/pipeline rank here, and no PD split.
+        self._rank_labels = {"engine_type": "unified", "tp_rank": "0", "pp_rank": "0"}
+        rank_names = ["model_name", *self._rank_labels, *(["dp_rank"] if dp_size > 1 else [])]
+        self._rank_gauges: dict[str, Gauge] = {}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
+        def gauge(name: str, doc: str) -> str:
+            self._rank_gauges[name] = Gauge(name, doc, rank_names, registry=r)
+            return name
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=r).labels(model_name)
@@ -62,15 +81,46 @@ class ServerMetrics:
         self.e2e = histogram(
             "sglang:e2e_request_latency_seconds", "Request latency", _LATENCY_BUCKETS
         )
+        Gauge(
+            "sglang:cache_config_info",
+            "KV cache geometry (the value is 1; the labels carry it)",
+            ["model_name", "page_size", "num_pages"],
+            registry=r,
+        ).labels(model_name, str(page_size), str(num_pages)).set(1)
+        # Every replica's series exists (at 0) from the start, as the other metrics do.
+        for rank in range(dp_size):
+            for g in self._rank_gauges.values():
+                g.labels(**self._gauge_labels(rank))
+
+    def _gauge_labels(self, dp_rank: int) -> dict[str, str]:
+        labels = {"model_name": self.model_name, **self._rank_labels}
+        if self.dp_size > 1:
+            labels["dp_rank"] = str(dp_rank)
+        return labels
+
+    @classmethod
+    def for_server(cls, args: Any, model_name: str, max_total_tokens: int) -> ServerMetrics:
+        """The metrics of a server started with ``args`` (a ServerArgs); ``max_total_tokens``
+        is one replica's KV capacity."""
+        page = args.page_size
+        return cls(
+            model_name, dp_size=args.dp_size, page_size=page, num_pages=max_total_tokens // page
+        )
 
     def set_scheduler_stats(self, s: SchedulerStats) -> None:
-        self.num_running_reqs.set(s.num_running_reqs)
-        self.num_queue_reqs.set(s.num_queue_reqs)
-        self.num_grammar_queue_reqs.set(s.num_grammar_queue_reqs)
-        self.token_usage.set(s.token_usage)
-        self.num_used_tokens.set(s.num_used_tokens)
-        self.cache_hit_rate.set(s.cache_hit_rate)
-        self.gen_throughput.set(s.gen_throughput)
+        """Set one replica's gauges (its ``dp_rank`` series when the server has several)."""
+        values = {
+            self.num_running_reqs: s.num_running_reqs,
+            self.num_queue_reqs: s.num_queue_reqs,
+            self.num_grammar_queue_reqs: s.num_grammar_queue_reqs,
+            self.token_usage: s.token_usage,
+            self.num_used_tokens: s.num_used_tokens,
+            self.cache_hit_rate: s.cache_hit_rate,
+            self.gen_throughput: s.gen_throughput,
+        }
+        labels = self._gauge_labels(s.dp_rank)
+        for name, value in values.items():
+            self._rank_gauges[name].labels(**labels).set(value)
 
     def request_finished(self, prompt: int, completion: int, cached: int, e2e: float) -> None:
         self.prompt_tokens.inc(prompt)

@@ -50,7 +50,7 @@ class GenerateCall:
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
-    # The replica (--dp-size) that must serve it (sglang-router --dp-aware sends it).
+    # The replica a DP-aware router picked (see `router_fields`); None: the server picks.
     data_parallel_rank: int | None = None
 
     @property
@@ -90,14 +90,6 @@ class GenerateCall:
             if not (isinstance(rid, str) or is_list_of(rid, str)):
                 raise RequestError("rid must be a string or a list of strings", "rid")
             call.rid = rid
-        rank = body.get("data_parallel_rank")
-        if rank is not None:
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-                raise RequestError(
-                    f"data_parallel_rank must be an integer >= 0, got {rank!r}",
-                    "data_parallel_rank",
-                )
-            call.data_parallel_rank = rank
         for name in ("return_text_in_logprobs", "stream"):
             value = body.get(name)
             if value is not None:
@@ -126,7 +118,54 @@ class GenerateCall:
                     bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
                     raise RequestError(f"{name} must be {bounds}, got {v}", name)
             setattr(call, name, value)
+        call.data_parallel_rank = router_fields(body)
         return call
+
+
+# Fields SGLang's router (sglang-router / sgl-model-gateway) adds to every body it forwards.
+# Their defaults (false / null) must pass; a true value asks for something smallm does not
+# produce, and a silent ignore would hand the client a response without it: 400 instead.
+UNSUPPORTED_FLAGS = {
+    "return_hidden_states": "hidden states are not returned by this server",
+    "return_bytes": "per-token bytes are not returned by this server",
+    "return_entropy": "per-token entropy is not returned by this server",
+    "background": "background requests are not supported on this route",
+}
+# Flags that are accepted whatever their value: they only steer logging, or reasoning output
+# that a model without a reasoning parser never has.
+ACCEPTED_FLAGS = ("log_metrics", "no_logs", "separate_reasoning", "stream_reasoning")
+
+
+def router_fields(body: dict) -> int | None:
+    """Check the fields SGLang's router adds to a forwarded body; returns its
+    ``data_parallel_rank`` (a non-negative int, or None). The rank's upper bound (the server's
+    dp_size) is checked by the HTTP layer, which knows it. ``model`` (null or a name) is
+    accepted as is."""
+    for name in (*UNSUPPORTED_FLAGS, *ACCEPTED_FLAGS):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false, got {value!r}", name)
+        if value and name in UNSUPPORTED_FLAGS:
+            raise RequestError(f"{name}: {UNSUPPORTED_FLAGS[name]}; send false or omit it", name)
+    rank = body.get("data_parallel_rank")
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise RequestError(
+            f"data_parallel_rank must be a non-negative integer, got {rank!r}",
+            "data_parallel_rank",
+        )
+    return rank
+
+
+def check_dp_rank(rank: int | None, dp_size: int) -> None:
+    """A ``data_parallel_rank`` must name one of the server's ``dp_size`` replicas."""
+    if rank is not None and not 0 <= rank < dp_size:
+        raise RequestError(
+            f"data_parallel_rank must be in [0, {dp_size}) (this server has {dp_size} "
+            f"data-parallel replica{'s' if dp_size != 1 else ''}), got {rank}",
+            "data_parallel_rank",
+        )
 
 
 def is_list_of(value: Any, kind: type) -> bool:

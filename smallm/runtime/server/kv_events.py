@@ -135,6 +135,23 @@ def parse_kv_events_config(text: str | None) -> KVEventsConfig | None:
     return KVEventsConfig.from_json(text)
 
 
+def advertised(text: str | None, page_size: int, dp_size: int) -> dict | None:
+    """What ``/server_info`` says under ``kv_events``: where each replica publishes (None when
+    events are off), so an indexer can be pointed at them."""
+    config = parse_kv_events_config(text)
+    if config is None or not config.enabled:
+        return None
+    return {
+        "publisher": config.publisher,
+        "topic": config.topic,
+        "block_size": page_size,
+        "endpoints": [offset_endpoint(config.endpoint, r) for r in range(dp_size)],
+        "replay_endpoints": [offset_endpoint(config.replay_endpoint, r) for r in range(dp_size)]
+        if config.replay_endpoint
+        else None,
+    }
+
+
 def _tcp_port(endpoint: str, key: str = "endpoint") -> int:
     host_port = endpoint.removeprefix("tcp://")
     _, sep, port = host_port.rpartition(":")

@@ -185,7 +185,11 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
         max_running_requests=info["max_running_requests"],
         extra={k: info[k] for k in ("dtype", "attention_backend") if k in info},
     )
-    metrics = ServerMetrics(model_info.served_model_name) if args.enable_metrics else None
+    metrics = (
+        ServerMetrics.for_server(args, model_info.served_model_name, model_info.max_total_tokens)
+        if args.enable_metrics
+        else None
+    )
     coordinator = DataParallelCoordinator(
         args.dp_size, args.load_balance_method, capacity_tokens=info["max_total_tokens"]
     )

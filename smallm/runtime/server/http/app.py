@@ -20,7 +20,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Routes that answer without an API key and while draining (probes must see the real state).
 _OPEN_PATHS = {"/health"}
-_DRAIN_EXEMPT = {"/health", "/metrics", "/get_server_info", "/server_info"}
+_DRAIN_EXEMPT = {"/health", "/metrics", "/get_server_info", "/server_info", "/get_load"}
 
 
 @web.middleware
@@ -72,6 +72,7 @@ def build_app(ctx: ServerContext) -> web.Application:
     from smallm.runtime.server.http.openai_api import add_openai_routes
     from smallm.runtime.server.http.openapi import add_openapi_route
     from smallm.runtime.server.http.responses_api import add_responses_routes
+    from smallm.runtime.server.http.router_api import add_router_routes
     from smallm.runtime.server.http.tokenize_api import add_tokenize_routes
 
     app = web.Application(
@@ -83,5 +84,6 @@ def build_app(ctx: ServerContext) -> web.Application:
     add_responses_routes(app)
     add_embeddings_routes(app)
     add_tokenize_routes(app)
+    add_router_routes(app)
     add_openapi_route(app)
     return app

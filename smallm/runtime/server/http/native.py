@@ -11,9 +11,10 @@ from aiohttp import web
 
 from smallm import __version__
 from smallm.runtime.metrics import CONTENT_TYPE
-from smallm.runtime.request_builder import GenerateCall
+from smallm.runtime.request_builder import GenerateCall, check_dp_rank
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_body, read_json
+from smallm.runtime.server.http.router_api import model_arch, server_info_fields
 from smallm.runtime.server.http.sse import DONE, event, open_stream
 from smallm.runtime.server.tokenizer_manager import (
     RequestFailed,
@@ -27,6 +28,7 @@ HEALTH_GENERATE_TIMEOUT_S = 20.0
 async def generate(request: web.Request) -> web.StreamResponse:
     ctx = request.app[SERVER]
     call = GenerateCall.from_json(await read_json(request))
+    check_dp_rank(call.data_parallel_rank, ctx.args.dp_size)
     group = await ctx.tm.submit(await ctx.tm.prepare(call), call.return_text_in_logprobs)
     try:
         if not call.stream:
@@ -57,6 +59,7 @@ def model_info(ctx: ServerContext) -> dict:
         "model_path": ctx.info.model_path,
         "tokenizer_path": ctx.info.tokenizer_path,
         "is_generation": True,
+        **model_arch(ctx.info.model_path),
         "served_model_name": ctx.info.served_model_name,
         "context_length": ctx.info.context_length,
         "vocab_size": ctx.info.vocab_size,
@@ -76,6 +79,7 @@ async def get_server_info(request: web.Request) -> web.Response:
     stats = ctx.tm.stats
     return web.json_response(
         {
+            **server_info_fields(ctx),
             **args,
             **model_info(ctx),
             "version": __version__,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from smallm.runtime.request_builder import RequestError
+from smallm.runtime.request_builder import RequestError, check_dp_rank
 from smallm.runtime.sampling import SamplingParamsError
 from smallm.runtime.server.http import openai_protocol as proto
 from smallm.runtime.server.http.context import SERVER, ServerContext
@@ -54,6 +54,7 @@ async def _run(
 ) -> web.StreamResponse:
     """Submit ``oc`` and answer with one JSON response or an SSE stream of chunks."""
     call = oc.call
+    check_dp_rank(call.data_parallel_rank, ctx.args.dp_size)
     if call.rid is None and call.is_single:
         call.rid = uuid.uuid4().hex  # the response id names the native request (abortable)
     try:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of
+from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of, router_fields
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 from smallm.runtime.server.http.errors import ApiError
 from smallm.runtime.server.http.guided import (
@@ -240,6 +240,7 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
         stream=opt_bool(body, "stream"),
     )
     _client_rid(body, call)
+    call.data_parallel_rank = router_fields(body)
     echo_texts = None
     if echo:
         if text is not None:
@@ -429,6 +430,7 @@ def chat_call(
         stream=opt_bool(body, "stream"),
     )
     _client_rid(body, call)
+    call.data_parallel_rank = router_fields(body)
     return OpenAICall(
         call=call,
         n=n,
