@@ -92,6 +92,24 @@ def test_scattered_pages_land_exactly(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_many_small_ranges_in_one_write(backend):
+    """4,096 shuffled 16-byte ranges: more than Mooncake's TCP queue takes in one batch."""
+    n, size = 4096, 16
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    with peers(backend) as (prefill, decode):
+        prefill.call("fill", 99)
+        src = prefill.call("bytes")
+        outcome, _ = prefill.write(
+            decode, [i * size for i in range(n)], [o * size for o in order], [size] * n
+        )
+        assert outcome == "written", outcome
+        expected = bytearray(decode.nbytes)
+        for i, o in enumerate(order):
+            expected[o * size : (o + 1) * size] = src[i * size : (i + 1) * size]
+        assert decode.call("check", bytes(expected)) == -1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unregistered_ranges_raise(backend):
     with peers(backend) as (prefill, decode):
         prefill.call("fill", 7)

@@ -19,6 +19,10 @@ What the library does, learnt by running it here (0.3.13.post1):
   handshake forever, whatever ``MC_HANDSHAKE_CONNECT_TIMEOUT`` says; after a successful
   handshake a stalled peer fails the write after ``MC_TRANSFER_TIMEOUT`` seconds (default 30).
   So each write runs on a helper thread that this engine waits for at most ``timeout`` seconds.
+- A batch of more than ~2,100-2,500 ranges to one peer fails (status -1, glog "TCP lane
+  queue-full rejection"), whatever their sizes (one 256 MiB range is fine; setting
+  ``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER`` did not lift it). So a write goes out in batches of
+  at most ``MAX_RANGES_PER_BATCH`` ranges, one after another.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from smallm.runtime.disaggregation.transfer import (
 )
 
 PIP_PACKAGE = "mooncake-transfer-engine-non-cuda"
+MAX_RANGES_PER_BATCH = 1024  # half the queue depth seen to fail; see the module docstring
 
 
 def explain_import_error(error: ImportError) -> str:
@@ -103,11 +108,15 @@ class MooncakeTransferEngine(TransferEngine):
 
         def run() -> None:
             try:
-                result.append(
-                    self._engine.batch_transfer_sync_write(
-                        peer_session, src_ptrs, dst_ptrs, lengths
+                status = 0
+                for i in range(0, len(lengths), MAX_RANGES_PER_BATCH):
+                    end = i + MAX_RANGES_PER_BATCH
+                    status = self._engine.batch_transfer_sync_write(
+                        peer_session, src_ptrs[i:end], dst_ptrs[i:end], lengths[i:end]
                     )
-                )
+                    if status < 0:
+                        break
+                result.append(status)
             except BaseException as e:  # handed to the waiting thread below
                 result.append(e)
 
