@@ -394,3 +394,15 @@ def test_bootstrap_port_in_use_is_a_clear_error(bootstrap):
     with pytest.raises(BootstrapError, match=f"cannot listen on 127.0.0.1:{taken}"):
         BootstrapServer("127.0.0.1", taken).start_in_thread()
     assert time.monotonic() - start < 5
+
+
+def test_flags_and_disaggregation_modules_stay_torch_free():
+    code = (
+        "import sys\n"
+        "import smallm.runtime.config, smallm.runtime.disaggregation.bootstrap\n"
+        "import smallm.runtime.disaggregation.transfer, smallm.runtime.disaggregation.fake_engine\n"
+        "import smallm.runtime.disaggregation.mooncake_engine\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
