@@ -406,3 +406,17 @@ def test_flags_and_disaggregation_modules_stay_torch_free():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_disaggregated_server_is_refused_until_the_scheduler_serves_it(tiny_chat_model_dir):
+    """The flags parse, but a prefill or decode server would silently be a plain one: the
+    launch stops with exit code 2 and says why."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "smallm.launch_server", "--model-path", str(tiny_chat_model_dir)]
+    out = subprocess.run(
+        [*cmd, "--disaggregation-mode", "prefill"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert "--disaggregation-mode prefill is not served yet" in out.stderr + out.stdout

@@ -60,6 +60,15 @@ def launch_server(args: ServerArgs) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s",
     )
+    if args.disaggregation_mode != "null":
+        # The transfer engines and the bootstrap service exist (runtime/disaggregation/); the
+        # scheduler does not use them yet. Refuse rather than serve as a plain server.
+        logger.error(
+            "--disaggregation-mode %s is not served yet: the KV transfer layer and bootstrap "
+            "service exist, the prefill/decode scheduling that uses them does not",
+            args.disaggregation_mode,
+        )
+        return 2
     from smallm.runtime.model.loader import resolve_model_path
 
     # Resolve once here (converting the default GGUF if needed) so the workers get a path.
