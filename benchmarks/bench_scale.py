@@ -2,13 +2,13 @@
 by smallm's own coordinator (``--dp-size 2``) and by SGLang's router in front of two servers.
 
 The workload is many requests over a few long prefixes (``bench_serving.py``'s shared-prefix
-dataset, sent as text so the router can route on it), streamed through the native ``/generate``
-at a fixed concurrency. For each set-up the table gives output throughput, TTFT p50/p99 and the
+dataset, sent as text so the router can route on it, in a shuffled order), streamed through the
+native ``/generate`` at a fixed concurrency. For each set-up the table gives output throughput, TTFT p50/p99 and the
 prefix-cache hit rate: cached prompt tokens / prompt tokens, from the servers' own
 ``sglang:cached_tokens`` and ``sglang:prompt_tokens`` counters (summed over the servers behind a
 router), measured over the timed run only.
 
-    python benchmarks/bench_scale.py [--num-prompts 96] [--num-groups 4] [--prefix-len 768]
+    python benchmarks/bench_scale.py [--num-prompts 128] [--num-groups 8] [--prefix-len 1024]
         [--question-len 32] [--output-len 16] [--concurrency 8] [--only dp2-cache_aware,...]
 
 Every set-up gets the same cores: one server with all of them, two replicas (or two servers)
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shlex
 import signal
@@ -159,14 +160,15 @@ def run_setup(setup: Setup, cfg: bs.BenchmarkConfig, specs: list, max_total: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-prompts", type=int, default=96)
-    p.add_argument("--num-groups", type=int, default=4)
-    p.add_argument("--prefix-len", type=int, default=768)
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--num-groups", type=int, default=8)
+    p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--question-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-total-tokens", type=int, default=16384, help="per server")
     p.add_argument("--only", default="", help="comma-separated set-up names to run")
+    p.add_argument("--seed", type=int, default=1, help="the arrival order's shuffle")
     args = p.parse_args()
 
     cfg = bs.BenchmarkConfig(
@@ -181,6 +183,9 @@ def main() -> None:
         disable_tqdm=True,
     )
     specs = bs.build_requests(cfg)
+    # bench_serving interleaves the groups (prompt i is group i % G): with an even G and two
+    # replicas, round-robin would send every group to one replica by accident. Shuffle.
+    random.Random(args.seed).shuffle(specs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     chosen = [s for s in setups(cores or 1) if not args.only or s.name in args.only.split(",")]
     rows = []
