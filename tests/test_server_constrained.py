@@ -87,4 +87,7 @@ def test_openai_response_format_json_schema(tiny_server):
 
 def test_grammar_queue_metric_exists(tiny_server):
     text = requests.get(tiny_server.url + "/metrics", timeout=10).text
-    assert re.search(r'^sglang:num_grammar_queue_reqs\{model_name=".*"\} 0\.0$', text, re.M)
+    # SGLang's gauge labels (engine_type, model_name, pp_rank, tp_rank) in any order.
+    assert re.search(
+        r'^sglang:num_grammar_queue_reqs\{[^}]*model_name="[^"]*"[^}]*\} 0\.0$', text, re.M
+    )
