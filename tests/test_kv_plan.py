@@ -259,10 +259,13 @@ def test_first_token_records():
         assert len(data) == FIRST_TOKEN_RECORD.size == 32
         assert decode_first_token(data) == token
     assert decode_first_token(bytes(32)) == FirstToken(0, FirstTokenStatus.PENDING, 0, None)
+    record = encode_first_token(FirstToken(1, FirstTokenStatus.FAILED, 2, 0.5))
+    assert record[24:28] == b"\x01\x00\x00\x00"  # flags: logprob present
+    assert record[28:] == b"\x02\x00\x00\x00"  # status last, so in-order delivery sets it last
     with pytest.raises(ValueError, match="32 bytes, not 31"):
         decode_first_token(bytes(31))
     bad_status = bytearray(32)
-    bad_status[24] = 9
+    bad_status[28] = 9  # status is the last field
     with pytest.raises(ValueError, match="unknown status 9"):
         decode_first_token(bytes(bad_status))
     with pytest.raises(ValueError, match="room -1"):

@@ -14,6 +14,12 @@ slots are consecutive on both sides (``s, s+1, ...`` -> ``d, d+1, ...``).
 - ``transfer_plan`` turns two slot lists into ``(src_ptrs, dst_ptrs, lengths)`` for
   ``TransferEngine.write``, vectorised with numpy; ``plan_bytes`` is the total it must move.
 
+Coalescing is what makes a transfer cheap, not planning. Measured here (2 shared cores, a
+1,500-token request over 30 layers, 3 KV heads x 64, bfloat16: 34.6 MB): planning takes about
+0.2 ms in one run and 0.8 ms fully scattered, but the write takes ~36 ms through Mooncake's TCP
+transport as 60 ranges and ~1.9 s as 90,000 scattered ones (fake engine: ~16 ms vs ~0.44 s).
+So the decode side should reserve a request's slots as few runs as it can.
+
 The first token. The prefill side samples the first output token, so the decode side must get
 its id (and its logprob when asked) along with the KV. The smallest thing that works with the
 transfer engine, and the same idea as SGLang's metadata buffers, is a second registered region
@@ -25,7 +31,10 @@ decode side's record *after* the KV write has returned (writes are synchronous),
 whose status is ``OK`` means the request's KV has landed. The record carries the bootstrap room,
 so a late write meant for a previous occupant of the index is recognised as stale; a failed
 prefill writes ``FAILED``. Record layout, little-endian: room u64, token id i64, logprob f64,
-status u32, flags u32 (bit 0: logprob present). Top-k logprobs would be a fixed-size extension of
+flags u32 (bit 0: logprob present), status u32. Status comes after the payload, so a transport
+that delivers a range in order (both TCP engines) sets it last; a decode side that polls the
+record rather than waiting for the prefill side's completion notice still reads the room and
+status together and trusts only a matching room. Top-k logprobs would be a fixed-size extension of
 the record (SGLang reserves 128 entries); nothing here needs them yet.
 
 Nothing here imports torch: ``KVLayout.of`` reads the pool's tensor by duck typing.
@@ -275,7 +284,7 @@ def plan_bytes(layout: KVLayout, n_tokens: int) -> int:
 
 # ---- the first token ----------------------------------------------------------------------
 
-FIRST_TOKEN_RECORD = struct.Struct("<QqdII")  # room, token id, logprob, status, flags
+FIRST_TOKEN_RECORD = struct.Struct("<QqdII")  # room, token id, logprob, flags, status (last)
 _HAS_LOGPROB = 1
 
 
@@ -306,7 +315,7 @@ def encode_first_token(token: FirstToken) -> bytes:
     status = FirstTokenStatus(token.status)
     flags = 0 if token.logprob is None else _HAS_LOGPROB
     logprob = math.nan if token.logprob is None else float(token.logprob)
-    return FIRST_TOKEN_RECORD.pack(token.room, token.token_id, logprob, status, flags)
+    return FIRST_TOKEN_RECORD.pack(token.room, token.token_id, logprob, flags, status)
 
 
 def decode_first_token(data: bytes | bytearray | memoryview) -> FirstToken:
@@ -315,7 +324,7 @@ def decode_first_token(data: bytes | bytearray | memoryview) -> FirstToken:
         raise ValueError(
             f"a first-token record is {FIRST_TOKEN_RECORD.size} bytes, not {len(data)}"
         )
-    room, token_id, logprob, status, flags = FIRST_TOKEN_RECORD.unpack(data)
+    room, token_id, logprob, flags, status = FIRST_TOKEN_RECORD.unpack(data)
     try:
         status = FirstTokenStatus(status)
     except ValueError:
