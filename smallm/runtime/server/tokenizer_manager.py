@@ -327,24 +327,27 @@ class TokenizerManager:
         if not self.coordinator.live_ranks:
             self.fail_all(message)
             return
-        for rid, s in list(self.states.items()):
-            if s.rank == rank:
-                del self.states[rid]
-                s.unavailable = message
-                s.finished = True
-                s.group.updates.put_nowait(s.index)
+        self._fail_requests(lambda s: s.rank == rank, message)
+        # A flush in flight waits for every replica's answer: it can no longer succeed.
+        for fut in self._flushes.values():
+            if not fut.done():
+                fut.set_result(False)
 
     def fail_all(self, message: str) -> None:
         """A worker died: every pending and future request gets HTTP 503."""
         self.unavailable = message
-        pending, self.states = self.states, {}
-        for s in pending.values():
-            s.unavailable = message
-            s.finished = True
-            s.group.updates.put_nowait(s.index)
+        self._fail_requests(lambda s: True, message)
         for fut in self._flushes.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable(message))
+
+    def _fail_requests(self, which: Callable[[_ReqState], bool], message: str) -> None:
+        for rid, s in list(self.states.items()):
+            if which(s):
+                del self.states[rid]
+                s.unavailable = message
+                s.finished = True
+                s.group.updates.put_nowait(s.index)
 
     @property
     def num_pending(self) -> int:
