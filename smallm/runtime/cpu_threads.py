@@ -42,5 +42,6 @@ def pin_replica(dp_rank: int, dp_size: int, torch_threads: int | None) -> int | 
             mine = [cores[dp_rank % len(cores)]]
         os.sched_setaffinity(0, mine)
         cores = mine
-    total = torch_threads if torch_threads is not None else None
-    return max(total // dp_size, 1) if total is not None else len(cores)
+    if torch_threads is None:
+        return len(cores)
+    return max(torch_threads // dp_size, 1)
