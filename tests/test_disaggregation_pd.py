@@ -4,7 +4,13 @@ drives them: the same body, with bootstrap fields added, posted to both at once.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -170,3 +176,62 @@ def test_pd_over_mooncake(tiny_chat_model_dir, tiny_server):
             assert dec.status_code == 200, dec.text
             assert dec.json()["output_ids"] == want
         assert scheduler_stats(pair.decode, kv_transfers=2)["prefill_tokens"] == 0
+
+
+def last_stream_event(resp: requests.Response) -> dict:
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in resp.iter_lines(decode_unicode=True)
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+    assert events, "no stream events"
+    return events[-1]
+
+
+def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
+    """``sglang-router --pd-disaggregation --prefill URL BOOTSTRAP_PORT --decode URL`` in front:
+    it adds the bootstrap fields itself; streaming and not, text and input_ids."""
+    pytest.importorskip("sglang_router")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+        "--prefill", pd_fake.prefill.url, str(pd_fake.bootstrap_port),
+        "--decode", pd_fake.decode.url, "--host", "127.0.0.1", "--port", str(port),
+        "--policy", "round_robin", "--prometheus-port", str(free_port()), "--log-level", "warn",
+    ]  # fmt: skip
+    router = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the router did not start"
+            time.sleep(0.25)
+        before = scheduler_stats(pd_fake.decode)["kv_transfers"]
+        bodies = [
+            {"input_ids": prompts()[2], "sampling_params": GREEDY},
+            {"text": "Once upon a time", "sampling_params": GREEDY},
+        ]
+        for body in bodies:
+            want = post(tiny_server, body).json()
+            got = requests.post(url + "/generate", json=body, timeout=120)
+            assert got.status_code == 200, got.text
+            assert got.json()["output_ids"] == want["output_ids"]
+            assert got.json()["text"] == want["text"]
+            streamed = requests.post(
+                url + "/generate", json={**body, "stream": True}, timeout=120, stream=True
+            )
+            assert streamed.status_code == 200, streamed.text
+            last = last_stream_event(streamed)
+            assert last["output_ids"] == want["output_ids"]
+            assert last["text"] == want["text"]
+        stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 4, num_running_reqs=0)
+        assert stats["kv_transfers"] == before + 4 and stats["prefill_tokens"] == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(router.pid, signal.SIGKILL)  # its server outlives a SIGTERM (FACTS.md)
+        router.wait()
