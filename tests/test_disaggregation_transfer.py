@@ -408,15 +408,18 @@ def test_flags_and_disaggregation_modules_stay_torch_free():
     assert result.returncode == 0, result.stderr
 
 
-def test_a_disaggregated_server_is_refused_until_the_scheduler_serves_it(tiny_chat_model_dir):
-    """The flags parse, but a prefill or decode server would silently be a plain one: the
-    launch stops with exit code 2 and says why."""
+def test_a_disaggregated_server_needs_one_replica(tiny_chat_model_dir):
+    """The bootstrap service and the transfer engine live in the one scheduler process: a
+    disaggregated server with --dp-size > 1 stops with exit code 2 and says why."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "smallm.launch_server", "--model-path", str(tiny_chat_model_dir)]
     out = subprocess.run(
-        [*cmd, "--disaggregation-mode", "prefill"], capture_output=True, text=True, timeout=120
+        [*cmd, "--disaggregation-mode", "prefill", "--dp-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
-    assert "--disaggregation-mode prefill is not served yet" in out.stderr + out.stdout
+    assert "served with --dp-size 1 only" in out.stderr + out.stdout

@@ -32,6 +32,12 @@ class GenerateRequest:
     # The replica (--dp-size) a DP-aware router chose for this request (its body's
     # ``data_parallel_rank``), checked to be in [0, dp_size); None: the server picks.
     data_parallel_rank: int | None = None
+    # Prefill/decode disaggregation (the fields SGLang's router adds in PD mode): where the
+    # prefill server's bootstrap service is, and the room that pairs the prefill and decode
+    # halves of this request. None on a plain request.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 @dataclass
@@ -129,6 +135,13 @@ class SchedulerStats:
     num_grammar_queue_reqs: int = 0
     num_retractions: int = 0
     forward_steps: int = 0
+    # Prompt (and re-prefill) tokens this scheduler computed; a decode server in PD mode
+    # computes none: its requests' prompt KV arrives from the prefill server.
+    prefill_tokens: int = 0
+    # Prefill/decode disaggregation: KV bytes written to decode servers (prefill side) and
+    # requests whose KV arrived (decode side).
+    kv_transfer_bytes: int = 0
+    kv_transfers: int = 0
     dp_rank: int = 0  # which replica (--dp-size) sent it
 
     @property
@@ -150,4 +163,7 @@ class SchedulerStats:
             num_grammar_queue_reqs=sum(p.num_grammar_queue_reqs for p in parts),
             num_retractions=sum(p.num_retractions for p in parts),
             forward_steps=sum(p.forward_steps for p in parts),
+            prefill_tokens=sum(p.prefill_tokens for p in parts),
+            kv_transfer_bytes=sum(p.kv_transfer_bytes for p in parts),
+            kv_transfers=sum(p.kv_transfers for p in parts),
         )

@@ -52,6 +52,10 @@ class GenerateCall:
     stream: bool = False
     # The replica a DP-aware router picked (see `router_fields`); None: the server picks.
     data_parallel_rank: int | None = None
+    # Prefill/decode disaggregation (SGLang's router adds them in PD mode; lists for batches).
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
 
     @property
     def is_single(self) -> bool:
@@ -119,7 +123,36 @@ class GenerateCall:
                     raise RequestError(f"{name} must be {bounds}, got {v}", name)
             setattr(call, name, value)
         call.data_parallel_rank = router_fields(body)
+        _bootstrap_fields(body, call)
         return call
+
+
+def _bootstrap_fields(body: dict, call: GenerateCall) -> None:
+    """Check ``bootstrap_host``/``bootstrap_port``/``bootstrap_room`` (each a value or a list
+    with one value per prompt); all three or none."""
+    checks = {
+        "bootstrap_host": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "bootstrap_port": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536,
+            "an integer in 1..65535",
+        ),
+        "bootstrap_room": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64,
+            "an integer in [0, 2**64)",
+        ),
+    }
+    given = {name: body.get(name) for name in checks if body.get(name) is not None}
+    if not given:
+        return
+    if len(given) != len(checks):
+        missing = ", ".join(n for n in checks if n not in given)
+        raise RequestError(f"bootstrap fields come together: {missing} missing", missing)
+    for name, value in given.items():
+        ok, what = checks[name]
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(ok(v) for v in values):
+            raise RequestError(f"{name} must be {what} or a list of them, got {value!r}", name)
+        setattr(call, name, value)
 
 
 # Fields SGLang's router (sglang-router / sgl-model-gateway) adds to every body it forwards.
@@ -202,12 +235,18 @@ def build_requests(
     want_logprobs = _per_prompt(call.return_logprob, len(prompts), "return_logprob")
     starts = _per_prompt(call.logprob_start_len, len(prompts), "logprob_start_len")
     tops = _per_prompt(call.top_logprobs_num, len(prompts), "top_logprobs_num")
+    b_hosts = _per_prompt(call.bootstrap_host, len(prompts), "bootstrap_host")
+    b_ports = _per_prompt(call.bootstrap_port, len(prompts), "bootstrap_port")
+    b_rooms = _per_prompt(call.bootstrap_room, len(prompts), "bootstrap_room")
     if isinstance(call.rid, list) and len(set(call.rid)) != len(call.rid):
         raise RequestError("rid entries must be distinct", "rid")
     out: list[GenerateRequest] = []
     for i, (ids, raw_params, rid) in enumerate(zip(prompts, params_list, rids)):
         params = SamplingParams.from_dict(raw_params).validate(vocab_size)
         _check_prompt(ids, vocab_size, params, context_length)
+        if b_rooms[i] is not None and params.n > 1:
+            # Each sample would need its own room; SGLang's router does not send such bodies.
+            raise RequestError("n > 1 is not supported with bootstrap_room yet", "n")
         base = rid or uuid.uuid4().hex
         group = base if params.n > 1 else None
         for k in range(params.n):
@@ -225,6 +264,9 @@ def build_requests(
                     stream=call.stream,
                     group=group,
                     data_parallel_rank=call.data_parallel_rank,
+                    bootstrap_host=b_hosts[i],
+                    bootstrap_port=b_ports[i],
+                    bootstrap_room=b_rooms[i],
                 )
             )
     return out

@@ -75,6 +75,14 @@ class _SchedulerWorker:
         self.runner = ModelRunner(args.runner_config(self.model_path))
         eos = eos_token_ids(tokenizer, self.runner.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.runner, args.scheduler_config(), eos, tokenizer)
+        if args.disaggregation_mode == "prefill":
+            from smallm.runtime.scheduler.disagg_prefill import PrefillManager
+
+            self.scheduler.pd = PrefillManager(self.scheduler, args)
+        elif args.disaggregation_mode == "decode":
+            from smallm.runtime.scheduler.disagg_decode import DecodeManager
+
+            self.scheduler.pd = DecodeManager(self.scheduler, args)
         # KV-cache events (None when off): this replica's publisher, fed by the radix cache.
         from smallm.runtime.server.kv_events import create_kv_event_publisher
 
@@ -102,6 +110,9 @@ class _SchedulerWorker:
             "pid": os.getpid(),
             "dp_rank": self.dp_rank,
             "torch_threads": self.runner.config.torch_threads,
+            # KV bytes one token occupies (layers x 2 x kv_heads x head_dim x item size): what
+            # a disaggregated server moves per prompt token.
+            "kv_bytes_per_token": self.runner.kv_pool.nbytes // (self.runner.kv_pool.capacity + 1),
         }
 
     def loop(self, parent_pid: int) -> None:
@@ -155,6 +166,8 @@ class _SchedulerWorker:
 
     def close(self) -> None:
         self.scheduler.shutdown()
+        if self.scheduler.pd is not None:
+            self.scheduler.pd.close()
         if self.kv_events is not None:
             self.kv_events.close()
         self.recv.close(linger=0)

@@ -92,6 +92,11 @@ class Scheduler:
         self.new_token_ratio = config.init_new_token_ratio
         self.num_retractions = 0
         self.forward_steps = 0
+        self.prefill_tokens = 0
+        # Prefill/decode disaggregation: a PrefillManager or DecodeManager
+        # (disagg_prefill.py / disagg_decode.py) set by the scheduler process; None on a plain
+        # server, where none of its hooks below runs.
+        self.pd: Any = None
 
     # ---- inbox (thread-safe) -------------------------------------------------------------
 
@@ -99,7 +104,13 @@ class Scheduler:
         self.inbox.put(msg)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.grammars or not self.inbox.empty())
+        return bool(
+            self.waiting
+            or self.running
+            or self.grammars
+            or not self.inbox.empty()
+            or (self.pd is not None and self.pd.has_work())
+        )
 
     @property
     def waiting_only_for_grammars(self) -> bool:
@@ -135,6 +146,8 @@ class Scheduler:
         # Like SGLang: a request may ask for more tokens than fit; it stops at the context end.
         msg.params.max_new_tokens = min(msg.params.max_new_tokens, limit - n)
         r = Req(msg)
+        if self.pd is not None and self.pd.accept(r, out):
+            return  # the decode side's manager owns it until its KV has arrived
         constraint = grammar_spec(msg.params)
         if constraint is not None:
             error = self.grammars.add(r, *constraint)
@@ -153,6 +166,9 @@ class Scheduler:
         def hit(r: Req) -> bool:
             return msg.abort_all or r.rid == msg.rid
 
+        if self.pd is not None:
+            for r in self.pd.remove(hit):
+                out.append(_abort_output(r.msg, "aborted"))
         for r in [r for r in self.waiting if hit(r)] + self.grammars.remove(hit):
             if r in self.waiting:
                 self.waiting.remove(r)
@@ -180,6 +196,8 @@ class Scheduler:
         self._drain_inbox(out)
         if self.grammars:
             self._poll_grammars(out)
+        if self.pd is not None:
+            self.pd.poll(out)
         decodes = self._prepare_decodes(out)
         prefills = self._schedule_prefills()
         entries = [e for _, e in decodes] + [e for _, e in prefills]
@@ -330,6 +348,7 @@ class Scheduler:
         ready: list[Req] = [r for r, _ in decodes]
         for i, (r, e) in enumerate(prefills, start=len(decodes)):
             r.kv_len += len(e.token_ids)
+            self.prefill_tokens += len(e.token_ids)
             lp = result.input_logprobs[i]
             if r.wants_input_logprobs and r.input_logprobs is None:
                 self._collect_input_logprobs(r, e, lp)
@@ -362,7 +381,9 @@ class Scheduler:
             self._sample(ready, logits)
         for r in order:
             if r.finish_reason is not None and r.phase is not Phase.FINISHED:
-                self._release(r)
+                # A prefill server keeps a finished request's KV until it is sent.
+                if self.pd is None or not self.pd.hold(r):
+                    self._release(r)
                 self.running.remove(r)
                 r.phase = Phase.FINISHED
             if r.pending_ids or r.finish_reason is not None or self._input_logprobs_due(r):
@@ -551,6 +572,9 @@ class Scheduler:
             gen_throughput=gen_throughput,
             num_retractions=self.num_retractions,
             forward_steps=self.forward_steps,
+            prefill_tokens=self.prefill_tokens,
+            kv_transfer_bytes=getattr(self.pd, "transfer_bytes", 0),
+            kv_transfers=getattr(self.pd, "transfers", 0),
         )
 
     def check_idle_accounting(self) -> None:

@@ -60,13 +60,12 @@ def launch_server(args: ServerArgs) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s",
     )
-    if args.disaggregation_mode != "null":
-        # The transfer engines and the bootstrap service exist (runtime/disaggregation/); the
-        # scheduler does not use them yet. Refuse rather than serve as a plain server.
+    if args.disaggregation_mode != "null" and args.dp_size > 1:
+        # One scheduler process hosts the bootstrap service and the transfer engine.
         logger.error(
-            "--disaggregation-mode %s is not served yet: the KV transfer layer and bootstrap "
-            "service exist, the prefill/decode scheduling that uses them does not",
+            "--disaggregation-mode %s is served with --dp-size 1 only (got %d)",
             args.disaggregation_mode,
+            args.dp_size,
         )
         return 2
     from smallm.runtime.model.loader import resolve_model_path
@@ -192,7 +191,9 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
         context_length=info["context_length"],
         max_total_tokens=info["max_total_tokens"],
         max_running_requests=info["max_running_requests"],
-        extra={k: info[k] for k in ("dtype", "attention_backend") if k in info},
+        extra={
+            k: info[k] for k in ("dtype", "attention_backend", "kv_bytes_per_token") if k in info
+        },
     )
     metrics = (
         ServerMetrics.for_server(args, model_info.served_model_name, model_info.max_total_tokens)

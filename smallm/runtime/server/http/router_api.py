@@ -55,7 +55,7 @@ def server_info_fields(ctx: ServerContext) -> dict[str, Any]:
         "tp_size": 1,
         "dp_size": args.dp_size,
         "load_balance_method": args.load_balance_method,
-        "disaggregation_mode": "null",
+        "disaggregation_mode": args.disaggregation_mode,
         # The router reads it as an unsigned count: with chunking off a whole prompt (up to
         # the context length) is one prefill.
         "max_prefill_tokens": chunk if chunk > 0 else ctx.info.context_length,
