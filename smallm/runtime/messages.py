@@ -87,6 +87,9 @@ class TokenOutput:
     input_logprobs: list[tuple[float | None, int]] | None = None
     input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     error: str | None = None
+    # The HTTP status the error answers with: 400 for a request the scheduler refuses, 5xx for
+    # a failure that is not the client's (e.g. a prefill/decode KV transfer that failed).
+    error_status: int = 400
     # Constrained requests: output tokens so far that jump-forward appended without sampling.
     jump_forward_tokens: int | None = None
     # return_embedding requests: the pooled, normalised prompt embedding (final output only).

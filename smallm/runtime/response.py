@@ -51,6 +51,10 @@ class ResponseBuilder:
     def error(self) -> str | None:
         return self.last.error if self.last is not None else None
 
+    @property
+    def error_status(self) -> int:
+        return self.last.error_status if self.last is not None else 400
+
     def result(self, text: str, streaming: bool = False) -> dict:
         o = self.last
         meta: dict[str, Any] = {

@@ -127,6 +127,7 @@ class DecodeManager:
                     out,
                     f"no KV from the prefill server within "
                     f"{self.timeout:g} s (--disaggregation-timeout)",
+                    status=504,
                 )
                 continue
             if p.target is None:
@@ -227,7 +228,8 @@ class DecodeManager:
             s.running.append(r)
         out.append(s._output(r))
 
-    def _fail(self, p: _Pending, out: list, message: str) -> None:
+    def _fail(self, p: _Pending, out: list, message: str, status: int = 503) -> None:
+        """Fail a pending request (503: its KV did not arrive; the client is not at fault)."""
         s = self.scheduler
         self.pending.remove(p)
         if p.sent:
@@ -238,7 +240,7 @@ class DecodeManager:
             p.req.req_pool_index = -1
             self._free_record(p)
         logger.warning("request %s (room %s): %s", p.req.rid, p.req.msg.bootstrap_room, message)
-        out.append(_error(p.req, message))
+        out.append(_error(p.req, message, status))
 
     def _free_record(self, p: _Pending) -> None:
         if p.record >= 0:
@@ -269,7 +271,7 @@ def _constrained(params: Any) -> bool:
     )
 
 
-def _error(r: Req, message: str):
+def _error(r: Req, message: str, status: int = 400):
     from smallm.runtime.scheduler.scheduler import _abort_output
 
-    return _abort_output(r.msg, message)
+    return _abort_output(r.msg, message, status)

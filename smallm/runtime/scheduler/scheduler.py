@@ -585,7 +585,7 @@ class Scheduler:
         assert self.table.num_free == self.table.max_requests
 
 
-def _abort_output(msg: GenerateRequest, message: str) -> TokenOutput:
+def _abort_output(msg: GenerateRequest, message: str, status: int = 400) -> TokenOutput:
     return TokenOutput(
         rid=msg.rid,
         new_token_ids=[],
@@ -593,6 +593,7 @@ def _abort_output(msg: GenerateRequest, message: str) -> TokenOutput:
         finish_reason={"type": "abort", "message": message},
         prompt_tokens=len(msg.input_ids),
         error=message,
+        error_status=status,
         params=msg.params,
         stream=msg.stream,
     )

@@ -43,7 +43,12 @@ class ServiceUnavailable(RuntimeError):
 
 
 class RequestFailed(RuntimeError):
-    """The scheduler rejected or failed one request (HTTP 400 with its message)."""
+    """The scheduler rejected or failed one request: HTTP ``status`` (400 when it refused the
+    request, 5xx when it failed for a reason not the client's) with its message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -261,7 +266,7 @@ class TokenizerManager:
                 raise ServiceUnavailable(s.unavailable)
         for s in group.states:
             if s.failed_message:
-                raise RequestFailed(s.failed_message)
+                raise RequestFailed(s.failed_message, s.builder.error_status)
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
         if not self._sends or self.unavailable:

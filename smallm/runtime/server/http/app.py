@@ -48,7 +48,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (RequestError, SamplingParamsError) as e:
         return error_response(400, str(e), error_param(e))
     except RequestFailed as e:
-        return error_response(400, str(e))
+        return error_response(e.status, str(e))
     except ServiceUnavailable as e:
         return error_response(503, str(e))
     except web.HTTPException as e:

@@ -16,6 +16,7 @@ _TYPES = {
     413: "RequestTooLarge",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
 }
 
 

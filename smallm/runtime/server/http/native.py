@@ -44,7 +44,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                         chunk["index"] = i
                     await resp.write(event(chunk))
             except (ServiceUnavailable, RequestFailed) as e:
-                code = 503 if isinstance(e, ServiceUnavailable) else 400
+                code = 503 if isinstance(e, ServiceUnavailable) else e.status
                 await resp.write(event(error_body(code, str(e))))
             await resp.write(DONE)
         except ConnectionError:

@@ -98,7 +98,7 @@ async def _stream(request, ctx, oc, group, head, chat: bool) -> web.StreamRespon
             if oc.include_usage:
                 await resp.write(event(state.usage_chunk()))
         except (ServiceUnavailable, RequestFailed) as e:
-            code = 503 if isinstance(e, ServiceUnavailable) else 400
+            code = 503 if isinstance(e, ServiceUnavailable) else e.status
             await resp.write(event(error_body(code, str(e))))
         await resp.write(DONE)
     except ConnectionError:

@@ -348,7 +348,7 @@ async def _stream(request, ctx, oc, group, b: _Builder) -> web.StreamResponse:
                         reason = ch["finish_reason"]
             usage = _usage(state.usage_chunk()["usage"])
         except (ServiceUnavailable, RequestFailed) as e:
-            code = 503 if isinstance(e, ServiceUnavailable) else 400
+            code = 503 if isinstance(e, ServiceUnavailable) else e.status
             await ev.send("error", **error_body(code, str(e))["error"])
             return resp
         output = []
