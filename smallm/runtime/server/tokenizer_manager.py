@@ -38,11 +38,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ServiceUnavailable(RuntimeError):
+class GenerationFailed(RuntimeError):
+    """A call did not complete; ``status`` is the HTTP status its error answers with."""
+
+    status = 500
+
+
+class ServiceUnavailable(GenerationFailed):
     """The server cannot serve requests (a worker died, or it is shutting down): HTTP 503."""
 
+    status = 503
 
-class RequestFailed(RuntimeError):
+
+class RequestFailed(GenerationFailed):
     """The scheduler rejected or failed one request: HTTP ``status`` (400 when it refused the
     request, 5xx when it failed for a reason not the client's) with its message."""
 

@@ -12,7 +12,7 @@ from smallm.runtime.request_builder import RequestError, error_param
 from smallm.runtime.sampling import SamplingParamsError
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_response
-from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.tokenizer_manager import GenerationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(e.status, e.message, e.param)
     except (RequestError, SamplingParamsError) as e:
         return error_response(400, str(e), error_param(e))
-    except RequestFailed as e:
+    except GenerationFailed as e:
         return error_response(e.status, str(e))
-    except ServiceUnavailable as e:
-        return error_response(503, str(e))
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -17,7 +17,7 @@ from smallm.runtime.server.http.errors import ApiError, error_body, read_json
 from smallm.runtime.server.http.router_api import model_arch, server_info_fields
 from smallm.runtime.server.http.sse import DONE, event, open_stream
 from smallm.runtime.server.tokenizer_manager import (
-    RequestFailed,
+    GenerationFailed,
     ServiceUnavailable,
     TokenizerManager,
 )
@@ -43,9 +43,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
                     if len(group.states) > 1:
                         chunk["index"] = i
                     await resp.write(event(chunk))
-            except (ServiceUnavailable, RequestFailed) as e:
-                code = 503 if isinstance(e, ServiceUnavailable) else e.status
-                await resp.write(event(error_body(code, str(e))))
+            except GenerationFailed as e:
+                await resp.write(event(error_body(e.status, str(e))))
             await resp.write(DONE)
         except ConnectionError:
             pass  # the client left; `finally` aborts what is still running

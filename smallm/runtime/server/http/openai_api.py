@@ -19,7 +19,7 @@ from smallm.runtime.server.http import openai_protocol as proto
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_body, read_json
 from smallm.runtime.server.http.sse import DONE, event, open_stream
-from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.tokenizer_manager import GenerationFailed
 
 OWNED_BY = "sglang"  # routers tell SGLang-API workers apart by it (COMPAT.md)
 
@@ -97,9 +97,8 @@ async def _stream(request, ctx, oc, group, head, chat: bool) -> web.StreamRespon
                     await resp.write(event(chunk))
             if oc.include_usage:
                 await resp.write(event(state.usage_chunk()))
-        except (ServiceUnavailable, RequestFailed) as e:
-            code = 503 if isinstance(e, ServiceUnavailable) else e.status
-            await resp.write(event(error_body(code, str(e))))
+        except GenerationFailed as e:
+            await resp.write(event(error_body(e.status, str(e))))
         await resp.write(DONE)
     except ConnectionError:
         pass  # the client left; the caller's `finally` aborts what is still running

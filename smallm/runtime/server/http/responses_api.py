@@ -25,7 +25,7 @@ from smallm.runtime.server.http import openai_protocol as proto
 from smallm.runtime.server.http.context import SERVER, ServerContext
 from smallm.runtime.server.http.errors import ApiError, error_body, read_json
 from smallm.runtime.server.http.sse import open_stream
-from smallm.runtime.server.tokenizer_manager import RequestFailed, ServiceUnavailable
+from smallm.runtime.server.tokenizer_manager import GenerationFailed
 
 # Chat fields a Responses error may name, and the Responses field the client sent instead.
 _PUBLIC = {
@@ -347,9 +347,8 @@ async def _stream(request, ctx, oc, group, b: _Builder) -> web.StreamResponse:
                     if ch.get("finish_reason"):
                         reason = ch["finish_reason"]
             usage = _usage(state.usage_chunk()["usage"])
-        except (ServiceUnavailable, RequestFailed) as e:
-            code = 503 if isinstance(e, ServiceUnavailable) else e.status
-            await ev.send("error", **error_body(code, str(e))["error"])
+        except GenerationFailed as e:
+            await ev.send("error", **error_body(e.status, str(e))["error"])
             return resp
         output = []
         if text_open:
