@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing as mp
-import platform
 import statistics
 import time
 
 import torch
 
+from smallm.runtime.cpu_features import cpu_features
 from smallm.runtime.disaggregation.transfer import (
     TransferBackendUnavailable,
     create_transfer_engine,
@@ -84,10 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if "model name" in line]
-    cpu = names[0] if names else platform.processor()
-    print(f"CPU: {cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}")
+    print(f"machine: {cpu_features().summary()}; torch {torch.__version__}")
     try:
         from importlib.metadata import version
 
