@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import bench_serving as bs
 
 from smallm.lang.backends.runtime import free_port
 from smallm.runtime.cpu_features import cpu_features
+from smallm.runtime.server.router import stop_process_groups
 
 
 @dataclass
@@ -64,7 +64,9 @@ class _Proc:
         fd, self.log = tempfile.mkstemp(prefix="bench-scale-", suffix=".log")
         os.close(fd)
         with open(self.log, "ab") as log:
-            self.p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.p = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.url = url
         self.health = health
 
@@ -83,12 +85,8 @@ class _Proc:
         raise RuntimeError(f"{self.url} did not start")
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(60)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
+        # The whole group: sglang-router's server outlives a SIGTERM to its launcher.
+        stop_process_groups([self.p], grace=60.0)
         Path(self.log).unlink(missing_ok=True)
 
 

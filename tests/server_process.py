@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,7 +32,10 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "smallm.launch_server", "--port", str(self.port), *self.flags]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # Its own process group, so `stop` can reap workers a failed launcher left behind.
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -67,6 +71,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group, if any
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:

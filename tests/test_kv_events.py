@@ -38,6 +38,7 @@ from smallm.runtime.server.kv_events import (
     decode_batch,
     offset_endpoint,
 )
+from smallm.runtime.server.router import stop_process_groups
 
 TS = 1700000000.5  # the pinned clock of the golden tests
 
@@ -469,7 +470,9 @@ class DynamoIndexer:
                 "m",
             ),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -494,12 +497,7 @@ class DynamoIndexer:
         return got
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process_groups([self.proc], grace=10.0)
 
 
 @pytest.fixture(scope="module")
