@@ -253,7 +253,7 @@ class Engine:
                     self._wakeup.wait(timeout=0.1)
                     self._wakeup.clear()
                     continue
-                if self.scheduler.waiting_only_for_grammars:
+                if self.scheduler.waiting_only_for_background:
                     time.sleep(0.005)  # a grammar compiles in its own thread; don't spin
                 for out in self.scheduler.step():
                     if isinstance(out, FlushCacheResult):

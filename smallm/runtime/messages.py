@@ -141,10 +141,23 @@ class SchedulerStats:
     # Prompt (and re-prefill) tokens this scheduler computed; a decode server in PD mode
     # computes none: its requests' prompt KV arrives from the prefill server.
     prefill_tokens: int = 0
-    # Prefill/decode disaggregation: KV bytes written to decode servers (prefill side) and
-    # requests whose KV arrived (decode side).
+    # Prefill/decode disaggregation (cumulative): rooms whose KV was written (prefill side) or
+    # arrived (decode side), its bytes and time (prefill: the write; decode: transfer request
+    # to arrival, prefill compute included), rooms that failed after their transfer request,
+    # requests that never found their prefill rank (decode).
     kv_transfer_bytes: int = 0
     kv_transfers: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_failures: int = 0
+    kv_bootstrap_failures: int = 0
+    # ... and now: decode requests waiting for memory or their prefill rank (prealloc), waiting
+    # for their KV (transfer; on a prefill server: requests whose KV is pinned until written),
+    # and KV slots of failed rooms held until no late write can land in them.
+    pd_prealloc_queue_reqs: int = 0
+    pd_transfer_queue_reqs: int = 0
+    kv_quarantined_tokens: int = 0
+    # Each transfer's seconds since the previous report (for the histogram on /metrics).
+    kv_transfer_latencies: list[float] = field(default_factory=list)
     dp_rank: int = 0  # which replica (--dp-size) sent it
 
     @property
@@ -169,4 +182,10 @@ class SchedulerStats:
             prefill_tokens=sum(p.prefill_tokens for p in parts),
             kv_transfer_bytes=sum(p.kv_transfer_bytes for p in parts),
             kv_transfers=sum(p.kv_transfers for p in parts),
+            kv_transfer_seconds=sum(p.kv_transfer_seconds for p in parts),
+            kv_transfer_failures=sum(p.kv_transfer_failures for p in parts),
+            kv_bootstrap_failures=sum(p.kv_bootstrap_failures for p in parts),
+            pd_prealloc_queue_reqs=sum(p.pd_prealloc_queue_reqs for p in parts),
+            pd_transfer_queue_reqs=sum(p.pd_transfer_queue_reqs for p in parts),
+            kv_quarantined_tokens=sum(p.kv_quarantined_tokens for p in parts),
         )

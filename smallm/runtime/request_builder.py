@@ -123,11 +123,11 @@ class GenerateCall:
                     raise RequestError(f"{name} must be {bounds}, got {v}", name)
             setattr(call, name, value)
         call.data_parallel_rank = router_fields(body)
-        _bootstrap_fields(body, call)
+        bootstrap_fields(body, call)
         return call
 
 
-def _bootstrap_fields(body: dict, call: GenerateCall) -> None:
+def bootstrap_fields(body: dict, call: GenerateCall) -> None:
     """Check ``bootstrap_host``/``bootstrap_port``/``bootstrap_room`` (each a value or a list
     with one value per prompt); all three or none."""
     checks = {
@@ -244,9 +244,6 @@ def build_requests(
     for i, (ids, raw_params, rid) in enumerate(zip(prompts, params_list, rids)):
         params = SamplingParams.from_dict(raw_params).validate(vocab_size)
         _check_prompt(ids, vocab_size, params, context_length)
-        if b_rooms[i] is not None and params.n > 1:
-            # Each sample would need its own room; SGLang's router does not send such bodies.
-            raise RequestError("n > 1 is not supported with bootstrap_room yet", "n")
         base = rid or uuid.uuid4().hex
         group = base if params.n > 1 else None
         for k in range(params.n):
@@ -266,10 +263,22 @@ def build_requests(
                     data_parallel_rank=call.data_parallel_rank,
                     bootstrap_host=b_hosts[i],
                     bootstrap_port=b_ports[i],
-                    bootstrap_room=b_rooms[i],
+                    bootstrap_room=sample_room(b_rooms[i], k),
                 )
             )
     return out
+
+
+def sample_room(room: int | None, k: int) -> int | None:
+    """The bootstrap room of sample ``k`` of an ``n > 1`` request sent with room ``room``.
+
+    The router sends one room per prompt, and every sample needs its own KV transfer: the
+    prefill and decode servers each expand the same body into the same n rooms (sample 0 keeps
+    the router's), so each sample's KV goes to its own decode-side request.
+    """
+    if room is None or k == 0:
+        return room
+    return (room + k * 0x9E3779B97F4A7C15) % (1 << 64)
 
 
 def _per_prompt(value: Any, count: int, name: str) -> list:

@@ -336,6 +336,17 @@ class BootstrapClient:
             return False
         return True
 
+    def alive(self) -> bool:
+        """False only when nothing listens at the address any more (the connection is
+        refused: the prefill server is gone); a slow answer counts as alive."""
+        try:
+            self._session.get(f"http://{self.address}/health", timeout=self.timeout)
+        except requests.Timeout:
+            return True
+        except requests.ConnectionError:
+            return False
+        return True
+
     def register(self, info: PrefillRankInfo) -> None:
         """``PUT /route``: register a prefill rank."""
         self._call("PUT", json=info.to_json())

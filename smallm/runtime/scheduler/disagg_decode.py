@@ -8,22 +8,27 @@ three states, each polled once per scheduler step (nothing here blocks the loop)
    thread (the answer is cached per bootstrap address).
 2. ``RESERVE`` -> ``TRANSFERRING``: once memory allows, the manager reserves a request-table row,
    one KV slot per prompt token, and a first-token record, then sends the prefill rank one JSON
-   message over ZMQ PUSH (``TransferRequest``: room, this engine's session id, KV layout, slot
-   list, first-token buffer layout and record index).
+   message over ZMQ PUSH (``peer_messages``: room, this engine's session id, KV layout, slot
+   list, first-token buffer layout and record index, a digest of the prompt).
 3. The prefill side writes the KV, then the record (status last). A record whose room matches
    and whose status is ``OK`` makes the request a normal decoding request: output = [first
    token], ``kv_len`` = prompt length, its slots private (they enter the radix cache when it
-   finishes, like any request's). ``FAILED``, or no answer within ``--disaggregation-timeout``
-   of acceptance, fails the request with an error and frees its row, slots and record.
+   finishes, like any request's).
 
-Who frees what: the decode side owns its reservation from RESERVE until the request either
-joins the running batch (then the scheduler frees it as usual) or fails (then this manager does).
-The prefill side frees its own copy once it has written (or failed to write) the room.
+Failures answer the client at once and never hang: ``FAILED`` in the record (503), no answer
+within ``--disaggregation-timeout`` of acceptance (504), a prefill server that stops listening
+(503; found by a heartbeat to its bootstrap service about once a second while rooms wait on
+it), an abort. Who frees what: the decode side owns its reservation from RESERVE until the
+request joins the running batch (then the scheduler frees it as usual) or fails. A failed
+room whose transfer request was sent may still be written by a prefill side that is alive, so
+its slots and record go to quarantine, not back to the pool: the manager sends the prefill side
+a cancel and frees them when the record shows the room ended (the prefill side writes a record
+after any write in flight), or after another timeout (a prefill side that died), or at once
+when the prefill server is known to be gone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,21 +46,39 @@ from smallm.runtime.disaggregation.kv_plan import (
     KVLayoutMismatch,
     plan_bytes,
 )
+from smallm.runtime.disaggregation.peer_messages import (
+    encode_cancel,
+    encode_transfer_request,
+    prompt_digest,
+)
 from smallm.runtime.disaggregation.transfer import create_transfer_engine
 from smallm.runtime.scheduler.request import Phase, Req
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 @dataclass
 class _Pending:
     req: Req
     since: float
-    lookup: Future | None = None
+    address: str  # the bootstrap service, "host:port"
+    lookup: Future
     target: str | None = None  # the prefill rank's ZMQ address, once known
     record: int = -1  # first-token record index, once reserved
     slots: np.ndarray | None = None
-    sent: bool = False
+    sent_at: float | None = None  # when the transfer request went out
+
+
+@dataclass
+class _Quarantined:
+    """A failed room's slots and record, kept until no late write can land in them."""
+
+    room: int
+    slots: np.ndarray
+    record: int
+    since: float
 
 
 class DecodeManager:
@@ -78,11 +101,18 @@ class DecodeManager:
         self.free_records = SlotAllocator(n)
         self.lookups = ThreadPoolExecutor(1, thread_name_prefix="pd-bootstrap")
         self.targets: dict[str, Future] = {}  # bootstrap "host:port" -> lookup of rank 0
+        self.heartbeats: dict[str, tuple[float, Future | None]] = {}  # address -> (last, check)
         self.ctx = zmq.Context()
         self.sockets: dict[str, Any] = {}
         self.pending: list[_Pending] = []
+        self.quarantine: list[_Quarantined] = []
+        # Counters for /metrics.
         self.transfers = 0  # requests whose KV arrived
         self.transfer_bytes = 0  # ... and its size
+        self.transfer_seconds = 0.0  # ... and the time from transfer request to arrival
+        self.transfer_failures = 0  # rooms that failed after their transfer request went out
+        self.bootstrap_failures = 0  # requests that never found their prefill rank
+        self.latencies: list[float] = []  # since the last stats report
 
     # ---- scheduler hooks ---------------------------------------------------------------
 
@@ -107,20 +137,28 @@ class DecodeManager:
         if lookup is None or (lookup.done() and lookup.exception() is not None):
             lookup = self.lookups.submit(self._lookup, address)
             self.targets[address] = lookup
-        self.pending.append(_Pending(r, time.monotonic(), lookup))
+        self.pending.append(_Pending(r, time.monotonic(), address, lookup))
         return True
 
     def has_work(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.quarantine)
 
     def hold(self, r: Req) -> bool:
         """A finished request: the scheduler releases it as usual."""
         return False
 
+    def fail_room(self, room: int | None) -> None:
+        """(The prefill side's hook; a decode server's running requests own their KV.)"""
+
     def poll(self, out: list) -> None:
         """Advance every pending request by what has happened since the last step."""
         now = time.monotonic()
+        self._release_quarantine(now)
+        gone = self._heartbeat(now)
         for p in list(self.pending):
+            if p.address in gone:
+                self._fail(p, out, f"the prefill server at {p.address} is gone", dead=True)
+                continue
             if now - p.since > self.timeout:
                 self._fail(
                     p,
@@ -136,9 +174,10 @@ class DecodeManager:
                 try:
                     p.target = p.lookup.result()
                 except (BootstrapError, KVLayoutMismatch, ValueError, KeyError) as e:
+                    self.bootstrap_failures += 1
                     self._fail(p, out, f"bootstrap failed: {e}")
                     continue
-            if not p.sent:
+            if p.sent_at is None:
                 if not self._reserve(p):
                     continue  # no memory yet: try again next step
                 self._send(p)
@@ -147,6 +186,7 @@ class DecodeManager:
             if record.room != p.req.msg.bootstrap_room or record.status is FirstTokenStatus.PENDING:
                 continue
             if record.status is FirstTokenStatus.FAILED:
+                # The record is final: nothing more is written for this room, free it all.
                 self._fail(p, out, "the prefill server failed to compute or send this request")
                 continue
             self._start_decoding(p, record.token_id, record.logprob, out)
@@ -163,6 +203,42 @@ class DecodeManager:
             KVLayout.from_dict(info.kv_layout).check_compatible(self.layout)
         host = f"[{info.rank_ip}]" if ":" in info.rank_ip else info.rank_ip
         return f"tcp://{host}:{info.rank_port}"
+
+    def _heartbeat(self, now: float) -> set[str]:
+        """Check, about once a second, that each prefill server with rooms in flight still
+        listens; return the addresses found gone (their cached lookups are dropped: a
+        restarted prefill server registers a new rank address)."""
+        waiting = {p.address for p in self.pending if p.sent_at is not None}
+        gone = set()
+        for address in waiting:
+            last, check = self.heartbeats.get(address, (now, None))
+            if check is None:
+                if now - last >= HEARTBEAT_INTERVAL_S:
+                    last, check = now, self.lookups.submit(self._alive, address)
+                self.heartbeats[address] = (last, check)
+            elif check.done():
+                self.heartbeats[address] = (now, None)
+                if not check.result():
+                    gone.add(address)
+                    self._forget(address)
+        for address, (_, check) in list(self.heartbeats.items()):
+            if address not in waiting and check is None:
+                del self.heartbeats[address]
+        return gone
+
+    def _alive(self, address: str) -> bool:
+        client = BootstrapClient(address, timeout=min(self.timeout, 5.0))
+        try:
+            return client.alive()
+        finally:
+            client.close()
+
+    def _forget(self, address: str) -> None:
+        lookup = self.targets.pop(address, None)
+        if lookup is not None and lookup.done() and lookup.exception() is None:
+            sock = self.sockets.pop(lookup.result(), None)
+            if sock is not None:
+                sock.close(linger=0)
 
     def _reserve(self, p: _Pending) -> bool:
         s = self.scheduler
@@ -184,31 +260,36 @@ class DecodeManager:
         self.records.clear(p.record)
         return True
 
-    def _send(self, p: _Pending) -> None:
+    def _socket(self, target: str):
         import zmq
 
-        sock = self.sockets.get(p.target)
+        sock = self.sockets.get(target)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
-            sock.connect(p.target)
-            self.sockets[p.target] = sock
-        message = {
-            "room": p.req.msg.bootstrap_room,
-            "session_id": self.engine.session_id,
-            "kv_layout": self.layout.to_dict(),
-            "slots": p.slots.tolist(),
-            "first_token_layout": self.records.layout().to_dict(),
-            "record_index": p.record,
-        }
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(target)
+            self.sockets[target] = sock
+        return sock
+
+    def _send(self, p: _Pending) -> None:
+        message = encode_transfer_request(
+            p.req.msg.bootstrap_room,
+            self.engine.session_id,
+            self.layout.to_dict(),
+            p.slots.tolist(),
+            self.records.layout().to_dict(),
+            p.record,
+            prompt_digest(p.req.prompt_ids),
+        )
         # PUSH queues the message until the prefill rank is connected; never blocks here.
-        sock.send(json.dumps(message).encode())
-        p.sent = True
+        self._socket(p.target).send(message)
+        p.sent_at = time.monotonic()
 
     def _start_decoding(self, p: _Pending, token: int, logprob: float | None, out: list) -> None:
         s = self.scheduler
         r = p.req
         self.pending.remove(p)
-        self._free_record(p)
+        self._free_record(p.record)
         r.locked_node = s.cache.root
         s.cache.lock(r.locked_node)
         r.kv_len = len(r.prompt_ids)
@@ -219,6 +300,9 @@ class DecodeManager:
             r.pending_logprobs.append((logprob, token))
         self.transfers += 1
         self.transfer_bytes += plan_bytes(self.layout, r.kv_len)
+        waited = time.monotonic() - p.sent_at
+        self.transfer_seconds += waited
+        self.latencies.append(waited)
         r.finish_reason = s._check_finished(r, token)
         if r.finish_reason is not None:
             s._release(r)
@@ -228,25 +312,71 @@ class DecodeManager:
             s.running.append(r)
         out.append(s._output(r))
 
-    def _fail(self, p: _Pending, out: list, message: str, status: int = 503) -> None:
-        """Fail a pending request (503: its KV did not arrive; the client is not at fault)."""
+    def _fail(
+        self, p: _Pending, out: list, message: str, status: int = 503, dead: bool = False
+    ) -> None:
+        """Fail a pending request (503: its KV did not arrive; the client is not at fault).
+        ``dead``: its prefill server is gone, so nothing can write into its slots any more."""
         s = self.scheduler
         self.pending.remove(p)
-        if p.sent:
-            # A late write may still land in these slots; nothing reads them before they are
-            # handed out and overwritten again (the record's room guards the record).
-            s.pool.free(p.slots)
-            s.table.free(p.req.req_pool_index)
+        if p.slots is not None:
+            s.table.free(p.req.req_pool_index)  # only this side writes the table
             p.req.req_pool_index = -1
-            self._free_record(p)
+            room = p.req.msg.bootstrap_room
+            record = self.records.get(p.record) if p.sent_at is not None else None
+            final = (
+                record is not None
+                and record.room == room
+                and record.status is not FirstTokenStatus.PENDING
+            )
+            if p.sent_at is None or final or dead:
+                s.pool.free(p.slots)
+                self._free_record(p.record)
+            else:
+                sock = self.sockets.get(p.target)
+                if sock is not None:
+                    sock.send(encode_cancel(room))
+                self.quarantine.append(_Quarantined(room, p.slots, p.record, time.monotonic()))
+            if p.sent_at is not None:
+                self.transfer_failures += 1
         logger.warning("request %s (room %s): %s", p.req.rid, p.req.msg.bootstrap_room, message)
         out.append(_error(p.req, message, status))
 
-    def _free_record(self, p: _Pending) -> None:
-        if p.record >= 0:
-            self.records.clear(p.record)
-            self.free_records.free([p.record])
-            p.record = -1
+    def _release_quarantine(self, now: float) -> None:
+        for q in list(self.quarantine):
+            record = self.records.get(q.record)
+            ended = record.room == q.room and record.status is not FirstTokenStatus.PENDING
+            if ended or now - q.since > self.timeout:
+                if not ended:
+                    logger.warning(
+                        "room %d: no word from the prefill server %g s after the cancel; "
+                        "reusing its %d slots",
+                        q.room,
+                        self.timeout,
+                        len(q.slots),
+                    )
+                self.quarantine.remove(q)
+                self.scheduler.pool.free(q.slots)
+                self._free_record(q.record)
+
+    def report(self, stats) -> None:
+        """Fill ``stats``' disaggregation fields; hands over the latencies recorded since the
+        last report."""
+        stats.kv_transfers = self.transfers
+        stats.kv_transfer_bytes = self.transfer_bytes
+        stats.kv_transfer_seconds = self.transfer_seconds
+        stats.kv_transfer_failures = self.transfer_failures
+        stats.kv_transfer_latencies, self.latencies = self.latencies, []
+        stats.kv_bootstrap_failures = self.bootstrap_failures
+        sent = sum(1 for p in self.pending if p.sent_at is not None)
+        stats.pd_prealloc_queue_reqs = len(self.pending) - sent
+        stats.pd_transfer_queue_reqs = sent
+        stats.kv_quarantined_tokens = sum(len(q.slots) for q in self.quarantine)
+
+    def _free_record(self, record: int) -> None:
+        if record >= 0:
+            self.records.clear(record)
+            self.free_records.free([record])
 
     def remove(self, hit) -> list[Req]:
         """Drop pending requests ``hit`` selects (aborts), freeing what they reserved."""

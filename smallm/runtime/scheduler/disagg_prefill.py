@@ -7,12 +7,20 @@ memory, the scheduler hands it to ``PrefillManager.hold``; the manager keeps the
 KV pages and then the first-token record into the decode server's memory through the transfer
 engine, and only then releases the request.
 
-The decode side's message ("room R: write here") arrives on a ZMQ PULL socket this manager binds
-(``tcp://host:port``), registered with the bootstrap service as the rank's ``rank_ip`` /
-``rank_port``, as SGLang does. It is one JSON object (see ``disagg_decode.TransferRequest``).
+The decode side's messages arrive on a ZMQ PULL socket this manager binds (``tcp://host:port``),
+registered with the bootstrap service as the rank's ``rank_ip`` / ``rank_port``, as SGLang does.
+Each is one JSON object (see ``disagg_decode``): a transfer request ("room R: write here") or a
+cancel ("room R: stop; I gave up on it"). Messages from one decode server arrive in order, so a
+cancel always follows its room's transfer request.
 
-Limits of this first slice: one rank (dp 1, tp 1); the write runs on the scheduler's thread
-(bounded by ``--disaggregation-timeout``), not on a transfer thread.
+Writes run on one transfer thread, in order, so the scheduler keeps computing while KV moves; a
+request stays held (its KV pinned) until its write is done. Every room ends with a record the
+decode side can see: ``OK`` after the KV, or ``FAILED`` (the request failed or was aborted
+here, its prompt differs from the decode side's, the write failed, or the decode side
+cancelled). The decode side relies on that: after a cancel it keeps the room's slots until the
+record shows the room ended, so no late write lands in memory it has handed out again.
+
+Limits: one prefill rank (dp 1, tp 1).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +43,10 @@ from smallm.runtime.disaggregation.kv_plan import (
     FirstTokenLayout,
     FirstTokenStatus,
     KVLayout,
+    TransferPlan,
     transfer_plan,
 )
+from smallm.runtime.disaggregation.peer_messages import prompt_digest
 from smallm.runtime.disaggregation.transfer import TransferError, create_transfer_engine
 from smallm.runtime.scheduler.request import Req
 
@@ -52,6 +63,7 @@ class Destination:
     slots: list[int]
     first_token: FirstTokenLayout
     record_index: int
+    prompt_digest: str | None
     arrival: float
 
     @classmethod
@@ -63,8 +75,26 @@ class Destination:
             slots=[int(s) for s in data["slots"]],
             first_token=FirstTokenLayout.from_dict(data["first_token_layout"]),
             record_index=int(data["record_index"]),
+            prompt_digest=data.get("prompt_digest"),
             arrival=time.monotonic(),
         )
+
+
+@dataclass
+class _Held:
+    req: Req
+    since: float
+    logprob: float | None  # the first token's: the scheduler clears pending logprobs
+
+
+@dataclass
+class WriteResult:
+    """What the transfer thread did for one room."""
+
+    room: int
+    ok: bool
+    nbytes: int = 0
+    seconds: float = 0.0
 
 
 class PrefillManager:
@@ -82,9 +112,10 @@ class PrefillManager:
         pool = scheduler.pool
         self.layout = KVLayout.of(pool)
         self.engine.register(self.layout.base_ptr, pool.nbytes)
-        # One staging record suffices: writes are synchronous, one at a time.
+        # One staging record suffices: the one transfer thread writes one room at a time.
         self.staging = FirstTokenBuffer(1)
         self.engine.register(self.staging.layout().base_ptr, self.staging.nbytes)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="pd-transfer")
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         self.port = self.inbox.bind_to_random_port(f"tcp://{self.host}")
@@ -102,12 +133,18 @@ class PrefillManager:
             )
         )
         client.close()
-        self.destinations: dict[int, Destination] = {}
-        # room -> (request, since, first token's logprob): the scheduler clears the request's
-        # pending logprobs when it reports them, so the logprob is kept here.
-        self.held: dict[int, tuple[Req, float, float | None]] = {}
-        self.transfer_bytes = 0
+        self.destinations: dict[int, Destination] = {}  # arrived before their request finished
+        self.held: dict[int, _Held] = {}  # finished, waiting for their destination
+        self.writing: dict[int, tuple[Future, Req | None]] = {}  # on the transfer thread
+        # Rooms that will never be written (failed here, or cancelled by the decode side),
+        # kept for a timeout so a destination or request arriving later ends at once.
+        self.dead_rooms: dict[int, float] = {}
+        # Counters for /metrics (read by the scheduler's stats on its own thread).
         self.transfers = 0
+        self.transfer_bytes = 0
+        self.transfer_seconds = 0.0
+        self.transfer_failures = 0
+        self.latencies: list[float] = []  # write times since the last stats report
 
     # ---- scheduler hooks ---------------------------------------------------------------
 
@@ -119,31 +156,47 @@ class PrefillManager:
         return False
 
     def hold(self, r: Req) -> bool:
-        """r finished its prefill (first token sampled): keep its KV until it is written.
-        True when the manager took r (the scheduler must not release it)."""
+        """r finished here: keep its KV until it is written (True: the manager took it, the
+        scheduler must not release it). A request that failed or produced no token fails its
+        room instead."""
         room = r.msg.bootstrap_room
-        if room is None or r.req_pool_index < 0 or not r.output_ids:
-            if room is not None:
-                self._fail_room(room)
+        if room is None:
+            return False
+        failed = r.req_pool_index < 0 or not r.output_ids or _aborted(r)
+        if failed or self.dead_rooms.pop(room, None) is not None:
+            if failed:
+                self.fail_room(room)
             return False
         logprob = r.pending_logprobs[0][0] if r.pending_logprobs else None
+        held = _Held(r, time.monotonic(), logprob)
         dest = self.destinations.pop(room, None)
         if dest is not None:
-            self._send(r, logprob, dest)
-            return False  # written (or failed): the scheduler releases r now
-        self.held[room] = (r, time.monotonic(), logprob)
+            self._start_write(held, dest)
+        else:
+            self.held[room] = held
         return True
 
+    def fail_room(self, room: int | None) -> None:
+        """The request for ``room`` ended here without a first token (refused, aborted):
+        tell its decode side, now or when its destination arrives."""
+        if room is None:
+            return
+        dest = self.destinations.pop(room, None)
+        if dest is not None:
+            self._submit_failure(dest)
+        else:
+            self.dead_rooms[room] = time.monotonic()
+
     def has_work(self) -> bool:
-        return bool(self.held)
+        return bool(self.held or self.writing or self.destinations)
 
     def remove(self, hit) -> list[Req]:
         """Aborts: a request held for its transfer has already answered its client."""
         return []
 
     def poll(self, out: list) -> None:
-        """Take the decode side's messages; write held requests whose destination arrived;
-        release what waited longer than the timeout."""
+        """Take the decode side's messages, start writes whose destination arrived, release
+        requests whose write is done, and expire what waited longer than the timeout."""
         import zmq
 
         while True:
@@ -152,62 +205,144 @@ class PrefillManager:
             except zmq.Again:
                 break
             try:
-                dest = Destination.from_json(json.loads(raw))
-            except (ValueError, KeyError, TypeError) as e:
-                logger.warning("ignoring a malformed transfer request: %s", e)
-                continue
-            held = self.held.pop(dest.room, None)
-            if held is not None:
-                self._send(held[0], held[2], dest)
-                self.scheduler._release(held[0])
-            else:
-                self.destinations[dest.room] = dest
+                data = json.loads(raw)
+                if data.get("kind") == "cancel":
+                    self._cancel(int(data["room"]))
+                else:
+                    self._destination(Destination.from_json(data))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                logger.warning("ignoring a malformed message from a decode server: %s", e)
+        for room, (future, req) in list(self.writing.items()):
+            if future.done():
+                del self.writing[room]
+                self._finished_write(future, req)
         now = time.monotonic()
-        for room, (r, since, _) in list(self.held.items()):
-            if now - since > self.timeout:
+        for room, held in list(self.held.items()):
+            if now - held.since > self.timeout:
                 logger.warning("room %d: no decode server asked for its KV; dropping it", room)
                 del self.held[room]
-                self.scheduler._release(r)
+                self.scheduler._release(held.req)
         for room, dest in list(self.destinations.items()):
             if now - dest.arrival > self.timeout:
                 del self.destinations[room]
+        for room, since in list(self.dead_rooms.items()):
+            if now - since > self.timeout:
+                del self.dead_rooms[room]
+
+    def _destination(self, dest: Destination) -> None:
+        room = dest.room
+        if self.dead_rooms.pop(room, None) is not None:
+            self._submit_failure(dest)
+        elif room in self.held:
+            self._start_write(self.held.pop(room), dest)
+        else:
+            self.destinations[room] = dest
+
+    def _cancel(self, room: int) -> None:
+        """The decode side gave up on ``room``: write nothing more there but the FAILED record
+        it waits for. A write already on the transfer thread ends with its own record."""
+        if room in self.writing:
+            return
+        self.dead_rooms[room] = time.monotonic()  # a request still computing ends at hold()
+        dest = self.destinations.pop(room, None)
+        if dest is not None:
+            self._submit_failure(dest)
+        held = self.held.pop(room, None)
+        if held is not None:  # (unreachable while messages arrive in order; kept for safety)
+            self.scheduler._release(held.req)
 
     # ---- the write -----------------------------------------------------------------------
 
-    def _send(self, r: Req, logprob: float | None, dest: Destination) -> None:
-        room = dest.room
+    def _start_write(self, held: _Held, dest: Destination) -> None:
+        """Plan on this thread (the request's slots are stable while it is held), write on
+        the transfer thread."""
+        r = held.req
         n = len(r.prompt_ids)
         try:
             if len(dest.slots) != n:
                 raise ValueError(f"the decode side reserved {len(dest.slots)} slots for {n}")
+            if dest.prompt_digest is not None and dest.prompt_digest != prompt_digest(r.prompt_ids):
+                raise ValueError("the decode side's prompt differs from this side's")
             src = self.scheduler.table.read(r.req_pool_index, 0, n)
             plan = transfer_plan(self.layout, src, dest.kv_layout, dest.slots)
-            self.engine.write(dest.session_id, *plan.as_lists())
-            token = FirstToken(room, FirstTokenStatus.OK, r.output_ids[0], logprob)
-            self._write_record(token, dest)
-        except (TransferError, ValueError) as e:
-            logger.warning("room %d: KV transfer failed: %s", room, e)
-            self._write_record(FirstToken(room, FirstTokenStatus.FAILED), dest)
+        except ValueError as e:
+            logger.warning("room %d: cannot transfer: %s", dest.room, e)
+            self.scheduler._release(r)
+            self._submit_failure(dest)
             return
-        self.transfer_bytes += plan.nbytes
-        self.transfers += 1
+        token = FirstToken(dest.room, FirstTokenStatus.OK, r.output_ids[0], held.logprob)
+        future = self.writer.submit(self._write, plan, token, dest)
+        self.writing[dest.room] = (future, r)
 
-    def _write_record(self, token: FirstToken, dest: Destination) -> None:
+    def _submit_failure(self, dest: Destination) -> None:
+        future = self.writer.submit(
+            self._write, None, FirstToken(dest.room, FirstTokenStatus.FAILED), dest
+        )
+        self.writing[dest.room] = (future, None)
+
+    def _write(
+        self, plan: TransferPlan | None, token: FirstToken, dest: Destination
+    ) -> WriteResult:
+        """On the transfer thread: the KV (if any), then the record; a failed KV write still
+        writes a FAILED record, so the decode side learns of it before its timeout."""
+        start = time.monotonic()
+        ok = plan is not None
+        if plan is not None:
+            try:
+                self.engine.write(dest.session_id, *plan.as_lists())
+            except TransferError as e:
+                logger.warning("room %d: KV transfer failed: %s", dest.room, e)
+                ok = False
+                token = FirstToken(dest.room, FirstTokenStatus.FAILED)
         self.staging.put(0, token)
-        plan = self.staging.plan(0, dest.first_token, dest.record_index)
+        record = self.staging.plan(0, dest.first_token, dest.record_index)
         try:
-            self.engine.write(dest.session_id, *plan.as_lists())
+            self.engine.write(dest.session_id, *record.as_lists())
         except TransferError as e:
             # The decode side times the room out and frees its slots.
             logger.warning("room %d: cannot write the first-token record: %s", dest.room, e)
+            ok = False
+        nbytes = plan.nbytes if ok and plan is not None else 0
+        return WriteResult(dest.room, ok, nbytes, time.monotonic() - start)
 
-    def _fail_room(self, room: int) -> None:
-        dest = self.destinations.pop(room, None)
-        if dest is not None:
-            self._write_record(FirstToken(room, FirstTokenStatus.FAILED), dest)
+    def _finished_write(self, future: Future, req: Req | None) -> None:
+        if req is not None:
+            self.scheduler._release(req)
+        try:
+            result: WriteResult = future.result()
+        except Exception:  # a bug, not a transfer failure: keep serving, say so
+            logger.exception("the KV transfer thread failed")
+            self.transfer_failures += 1
+            return
+        if req is None:
+            return  # a FAILED record for a room that had no KV to send
+        if result.ok:
+            self.transfers += 1
+            self.transfer_bytes += result.nbytes
+            self.transfer_seconds += result.seconds
+            self.latencies.append(result.seconds)
+        else:
+            self.transfer_failures += 1
+
+    def report(self, stats) -> None:
+        """Fill ``stats``' disaggregation fields; hands over the latencies recorded since the
+        last report."""
+        stats.kv_transfers = self.transfers
+        stats.kv_transfer_bytes = self.transfer_bytes
+        stats.kv_transfer_seconds = self.transfer_seconds
+        stats.kv_transfer_failures = self.transfer_failures
+        stats.kv_transfer_latencies, self.latencies = self.latencies, []
+        stats.pd_transfer_queue_reqs = len(self.held) + sum(
+            1 for _, req in self.writing.values() if req is not None
+        )
 
     def close(self) -> None:
+        self.writer.shutdown(wait=True, cancel_futures=True)
         self.bootstrap.close()
         self.inbox.close(linger=0)
         self.ctx.term()
         self.engine.close()
+
+
+def _aborted(r: Req) -> bool:
+    return bool(r.finish_reason) and r.finish_reason.get("type") == "abort"

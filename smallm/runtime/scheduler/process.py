@@ -126,9 +126,10 @@ class _SchedulerWorker:
         generated_at_last_stats = 0
         while True:
             busy = self.scheduler.has_work()
-            # Block only when idle (or only waiting for grammars to compile in their thread);
+            # Block only when idle (or only waiting on background work: a grammar compiling, a KV
+            # transfer on its thread or peer);
             # while busy, just take what has arrived.
-            timeout = 100 if not busy else 5 if self.scheduler.waiting_only_for_grammars else 0
+            timeout = 100 if not busy else 5 if self.scheduler.waiting_only_for_background else 0
             if poller.poll(timeout):
                 while True:
                     try:

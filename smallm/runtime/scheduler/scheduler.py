@@ -113,9 +113,11 @@ class Scheduler:
         )
 
     @property
-    def waiting_only_for_grammars(self) -> bool:
-        """Nothing to run until a grammar compiles: the caller may sleep briefly, not spin."""
-        return bool(self.grammars) and not (self.waiting or self.running)
+    def waiting_only_for_background(self) -> bool:
+        """Nothing to run until a grammar compiles or a KV transfer moves (their threads and
+        peers do the work): the caller may sleep briefly, not spin."""
+        background = bool(self.grammars) or (self.pd is not None and self.pd.has_work())
+        return background and not (self.waiting or self.running)
 
     def _drain_inbox(self, out: list) -> None:
         while True:
@@ -141,7 +143,7 @@ class Scheduler:
         elif n + 1 > self.pool.capacity:
             error = f"the prompt has {n} tokens; the KV pool holds {self.pool.capacity}"
         if error:
-            out.append(_abort_output(msg, error))
+            self._refuse(msg, error, out)
             return
         # Like SGLang: a request may ask for more tokens than fit; it stops at the context end.
         msg.params.max_new_tokens = min(msg.params.max_new_tokens, limit - n)
@@ -152,7 +154,7 @@ class Scheduler:
         if constraint is not None:
             error = self.grammars.add(r, *constraint)
             if error:
-                out.append(_abort_output(msg, error))
+                self._refuse(msg, error, out)
             return
         self.waiting.append(r)
 
@@ -160,7 +162,13 @@ class Scheduler:
         ready, failed = self.grammars.poll()
         self.waiting.extend(ready)
         for r, error in failed:
-            out.append(_abort_output(r.msg, error))
+            self._refuse(r.msg, error, out)
+
+    def _refuse(self, msg: GenerateRequest, error: str, out: list, status: int = 400) -> None:
+        """End a request that never ran (a prefill server also fails its bootstrap room)."""
+        if self.pd is not None:
+            self.pd.fail_room(msg.bootstrap_room)
+        out.append(_abort_output(msg, error, status))
 
     def _abort(self, msg: AbortRequest, out: list) -> None:
         def hit(r: Req) -> bool:
@@ -172,8 +180,10 @@ class Scheduler:
         for r in [r for r in self.waiting if hit(r)] + self.grammars.remove(hit):
             if r in self.waiting:
                 self.waiting.remove(r)
-            out.append(_abort_output(r.msg, "aborted"))
+            self._refuse(r.msg, "aborted", out)
         for r in [r for r in self.running if hit(r)]:
+            if self.pd is not None:
+                self.pd.fail_room(r.msg.bootstrap_room)
             self._release(r)
             self.running.remove(r)
             r.finish_reason = {"type": "abort", "message": "aborted"}
@@ -560,9 +570,10 @@ class Scheduler:
         self.grammars.shutdown()
 
     def stats(self, gen_throughput: float = 0.0) -> SchedulerStats:
-        """The load gauges routers read (``/metrics``)."""
+        """The load gauges routers read (``/metrics``). Takes the KV transfer latencies
+        recorded since the previous call."""
         used = self.pool.capacity - self.pool.num_free - self.cache.evictable_size
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_queue_reqs=len(self.waiting),
             num_used_tokens=used,
@@ -573,9 +584,10 @@ class Scheduler:
             num_retractions=self.num_retractions,
             forward_steps=self.forward_steps,
             prefill_tokens=self.prefill_tokens,
-            kv_transfer_bytes=getattr(self.pd, "transfer_bytes", 0),
-            kv_transfers=getattr(self.pd, "transfers", 0),
         )
+        if self.pd is not None:
+            self.pd.report(stats)
+        return stats
 
     def check_idle_accounting(self) -> None:
         """When nothing runs, every slot is free or cached (raises AssertionError otherwise)."""

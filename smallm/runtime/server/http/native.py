@@ -10,6 +10,7 @@ import time
 from aiohttp import web
 
 from smallm import __version__
+from smallm.runtime.messages import SchedulerStats
 from smallm.runtime.metrics import CONTENT_TYPE
 from smallm.runtime.request_builder import GenerateCall, check_dp_rank
 from smallm.runtime.server.http.context import SERVER, ServerContext
@@ -92,10 +93,15 @@ async def get_server_info(request: web.Request) -> web.Response:
             "healthy": ctx.healthy,
             "draining": ctx.draining,
             "num_pending_requests": ctx.tm.num_pending,
-            "scheduler_stats": None if stats is None else {**vars(stats), "token_usage": stats.token_usage},
+            "scheduler_stats": None if stats is None else {**stats_fields(stats), "token_usage": stats.token_usage},
             "replicas": replica_info(ctx.tm),
         }
     )  # fmt: skip
+
+
+def stats_fields(stats: SchedulerStats) -> dict:
+    """A scheduler report's gauges and counters (its per-report latency list is for /metrics)."""
+    return {k: v for k, v in vars(stats).items() if k != "kv_transfer_latencies"}
 
 
 def replica_info(tm: TokenizerManager) -> list[dict]:
@@ -109,7 +115,7 @@ def replica_info(tm: TokenizerManager) -> list[dict]:
                 "alive": r.alive,
                 "num_unfinished_reqs": r.load,
                 "num_placed_reqs": tm.coordinator.placed[r.rank],
-                "scheduler_stats": None if stats is None else vars(stats),
+                "scheduler_stats": None if stats is None else stats_fields(stats),
             }
         )
     return out

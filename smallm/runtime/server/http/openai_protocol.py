@@ -15,7 +15,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from smallm.runtime.request_builder import GenerateCall, error_param, is_list_of, router_fields
+from smallm.runtime.request_builder import (
+    GenerateCall,
+    bootstrap_fields,
+    error_param,
+    is_list_of,
+    router_fields,
+)
 from smallm.runtime.sampling import SamplingParams, SamplingParamsError
 from smallm.runtime.server.http.errors import ApiError
 from smallm.runtime.server.http.guided import (
@@ -241,6 +247,7 @@ def completion_call(body: Any, tokenizer: Any) -> OpenAICall:
     )
     _client_rid(body, call)
     call.data_parallel_rank = router_fields(body)
+    bootstrap_fields(body, call)  # what sglang-router --pd-disaggregation adds
     echo_texts = None
     if echo:
         if text is not None:
@@ -431,6 +438,7 @@ def chat_call(
     )
     _client_rid(body, call)
     call.data_parallel_rank = router_fields(body)
+    bootstrap_fields(body, call)  # what sglang-router --pd-disaggregation adds
     return OpenAICall(
         call=call,
         n=n,
