@@ -154,18 +154,198 @@ def test_decode_request_without_bootstrap_fields_fails_clearly(pd_fake):
 
 def test_a_room_the_prefill_side_never_gets_times_out_and_frees_slots(pd_fake):
     before = scheduler_stats(pd_fake.decode)
-    body = {"input_ids": list(range(3, 60)), "sampling_params": GREEDY, **pd_fake.bootstrap()}
+    room = pd_fake.bootstrap()
+    body = {"input_ids": list(range(3, 60)), "sampling_params": GREEDY, **room}
     start = time.monotonic()
     r = post(pd_fake.decode, body)  # only the decode side: no prefill ever computes the room
     # Not the client's fault: a gateway timeout, with the flag named.
     assert r.status_code == 504 and "disaggregation-timeout" in r.text, r.text
     assert r.json()["error"]["code"] == 504
     assert time.monotonic() - start < 30
-    after = scheduler_stats(pd_fake.decode, num_running_reqs=0, num_used_tokens=0)
-    assert after["num_used_tokens"] == 0 and after["kv_transfers"] == before["kv_transfers"]
+    # Its slots were quarantined until the prefill side acknowledged the cancel, then freed.
+    after = scheduler_stats(
+        pd_fake.decode, num_running_reqs=0, num_used_tokens=0, kv_quarantined_tokens=0
+    )
+    assert after["num_used_tokens"] == 0 and after["kv_quarantined_tokens"] == 0
+    assert after["kv_transfers"] == before["kv_transfers"]
+    assert after["kv_transfer_failures"] == before["kv_transfer_failures"] + 1
+    # The prefill request for that room arriving late computes, answers, and writes nothing
+    # into the decode side's memory (which may belong to another request by now).
+    p_before = scheduler_stats(pd_fake.prefill)
+    late = post(pd_fake.prefill, body)
+    assert late.status_code == 200, late.text
+    p_after = scheduler_stats(pd_fake.prefill, num_used_tokens=0, pd_transfer_queue_reqs=0)
+    assert p_after["kv_transfers"] == p_before["kv_transfers"]
+    assert p_after["num_used_tokens"] == 0 and p_after["pd_transfer_queue_reqs"] == 0
     # ... and both servers keep serving.
     _, dec = pd_fake.generate({"input_ids": [9, 8, 7], "sampling_params": GREEDY})
     assert dec.status_code == 200, dec.text
+
+
+def test_a_room_whose_prompts_differ_fails_fast_and_frees_both_sides(pd_fake):
+    """The same room with different prompts (a client reusing rooms by hand): the prefill side
+    refuses to send the wrong KV and writes FAILED; the decode side answers 503 long before
+    its timeout; no memory stays held on either side."""
+    d_before = scheduler_stats(pd_fake.decode)
+    p_before = scheduler_stats(pd_fake.prefill)
+    for other in ([5, *range(4, 40)], list(range(4, 40))):  # same length, then shorter
+        room = pd_fake.bootstrap()
+        ids = list(range(3, 40))
+        with ThreadPoolExecutor(2) as pool:
+            pre = pool.submit(
+                post, pd_fake.prefill, {"input_ids": other, "sampling_params": GREEDY, **room}
+            )
+            start = time.monotonic()
+            dec = pool.submit(
+                post, pd_fake.decode, {"input_ids": ids, "sampling_params": GREEDY, **room}
+            ).result()
+            elapsed = time.monotonic() - start
+            assert pre.result().status_code == 200
+        assert dec.status_code == 503, dec.text
+        assert "prefill server failed" in dec.text
+        assert elapsed < 6, elapsed  # the record said FAILED; the timeout is 8 s
+    d = scheduler_stats(pd_fake.decode, num_used_tokens=0, num_running_reqs=0)
+    assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
+    assert d["kv_transfer_failures"] == d_before["kv_transfer_failures"] + 2
+    assert d["kv_transfers"] == d_before["kv_transfers"]
+    p = scheduler_stats(pd_fake.prefill, num_used_tokens=0, pd_transfer_queue_reqs=0)
+    assert p["num_used_tokens"] == 0 and p["pd_transfer_queue_reqs"] == 0
+    assert p["kv_transfers"] == p_before["kv_transfers"]
+
+
+def test_aborting_a_waiting_decode_request_frees_its_reservation(pd_fake):
+    rid = f"abort-me-{random.getrandbits(32)}"
+    body = {"input_ids": list(range(3, 50)), "sampling_params": GREEDY, "rid": rid}
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, pd_fake.decode, {**body, **pd_fake.bootstrap()})
+        deadline = time.monotonic() + 10
+        while scheduler_stats(pd_fake.decode).get("pd_transfer_queue_reqs", 0) == 0:
+            assert time.monotonic() < deadline, "the request never reached the transfer queue"
+            time.sleep(0.1)
+        aborted = requests.post(pd_fake.decode.url + "/abort_request", json={"rid": rid})
+        assert aborted.status_code == 200, aborted.text
+        r = waiting.result()
+    # As on a plain server (and SGLang): the aborted request ends with finish_reason abort.
+    assert r.json()["meta_info"]["finish_reason"]["type"] == "abort", r.text
+    d = scheduler_stats(pd_fake.decode, num_used_tokens=0, kv_quarantined_tokens=0)
+    assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
+    assert d["pd_transfer_queue_reqs"] == 0 and d["pd_prealloc_queue_reqs"] == 0
+
+
+def test_n_samples_and_batches_get_a_room_each(pd_fake, tiny_server):
+    """One room for an n > 1 request (what the router sends): both servers expand it into the
+    same per-sample rooms, so every sample's KV reaches its own decode request."""
+    before = scheduler_stats(pd_fake.decode)["kv_transfers"]
+    ids = prompts()[2]
+    body = {"input_ids": ids, "sampling_params": {**GREEDY, "n": 3}}
+    want = post(tiny_server, {"input_ids": ids, "sampling_params": GREEDY}).json()["output_ids"]
+    pre, dec = pd_fake.generate(body)
+    assert pre.status_code == 200 and dec.status_code == 200, dec.text
+    samples = dec.json()
+    assert len(samples) == 3 and all(s["output_ids"] == want for s in samples)
+    # A batch: one room per prompt, as the router sends for a list of prompts.
+    batch = prompts()[:3]
+    wants = [
+        post(tiny_server, {"input_ids": x, "sampling_params": GREEDY}).json()["output_ids"]
+        for x in batch
+    ]
+    rooms = [pd_fake.bootstrap() for _ in batch]
+    body = {
+        "input_ids": batch,
+        "sampling_params": GREEDY,
+        "bootstrap_host": [r["bootstrap_host"] for r in rooms],
+        "bootstrap_port": [r["bootstrap_port"] for r in rooms],
+        "bootstrap_room": [r["bootstrap_room"] for r in rooms],
+    }
+    with ThreadPoolExecutor(2) as pool:
+        p = pool.submit(post, pd_fake.prefill, body)
+        d = pool.submit(post, pd_fake.decode, body)
+        assert p.result().status_code == 200
+        got = d.result()
+    assert got.status_code == 200, got.text
+    assert [x["output_ids"] for x in got.json()] == wants
+    stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 6, num_used_tokens=0)
+    assert stats["kv_transfers"] == before + 6 and stats["prefill_tokens"] == 0
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of the series ``name{labels...}`` on a /metrics page (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        body, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in body for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_bytes_time_and_outcomes_per_mode(pd_fake):
+    _, dec = pd_fake.generate({"input_ids": prompts()[3], "sampling_params": GREEDY})
+    assert dec.status_code == 200
+    for server, mode in ((pd_fake.prefill, "prefill"), (pd_fake.decode, "decode")):
+        stats = scheduler_stats(server, num_running_reqs=0)
+        time.sleep(0.6)  # the front end applies each report as it arrives
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        labels = {"engine_type": mode}
+        assert metric(text, "sglang:num_running_reqs", **labels) == 0  # labelled by mode
+        assert (
+            metric(text, "smallm:kv_transfer_bytes_total", **labels) == stats["kv_transfer_bytes"]
+        )
+        ok = metric(text, "smallm:disaggregation_requests_total", outcome="ok", **labels)
+        assert ok == stats["kv_transfers"] > 0
+        failed = metric(
+            text, "smallm:disaggregation_requests_total", outcome="transfer_failed", **labels
+        )
+        assert failed == stats["kv_transfer_failures"]
+        assert metric(text, "sglang:num_transfer_failed_reqs_total") == failed
+        assert metric(text, "smallm:kv_transfer_seconds_count", **labels) == ok
+        assert metric(text, "smallm:kv_transfer_seconds_sum", **labels) == pytest.approx(
+            stats["kv_transfer_seconds"], rel=1e-6, abs=1e-9
+        )
+        assert metric(text, "sglang:kv_transfer_latency_ms", **labels) > 0
+    info = requests.get(pd_fake.decode.url + "/server_info", timeout=10).json()
+    assert info["disaggregation_mode"] == "decode"
+
+
+def test_a_prefill_server_that_dies_fails_its_rooms_fast_and_the_decode_side_recovers(
+    tiny_chat_model_dir,
+):
+    """SIGKILL the prefill server while rooms wait on it: each decode request ends (200 if its
+    KV had arrived, else 503 naming the prefill server) well before the 30 s timeout, the
+    decode side frees every slot, and once a prefill server is back on the same bootstrap
+    port, requests succeed again (the stale rank address is forgotten)."""
+    with PDPair(tiny_chat_model_dir, "fake", timeout=30) as pair:
+        bodies = []
+        for i in range(6):
+            ids = [3 + i, *range(10, 400)]  # distinct prompts: no radix hits
+            sp = {**GREEDY, "max_new_tokens": 32}
+            bodies.append({"input_ids": ids, "sampling_params": sp, **pair.bootstrap()})
+        with ThreadPoolExecutor(12) as pool:
+            decodes = [pool.submit(post, pair.decode, b) for b in bodies]
+            # Half the rooms reach the prefill side too; the other half are in flight (their
+            # transfer requests sent, their prompts never computed) when it dies.
+            prefills = [pool.submit(post, pair.prefill, b) for b in bodies[:3]]
+            for f in prefills:
+                assert f.result().status_code == 200
+            deadline = time.monotonic() + 10
+            while scheduler_stats(pair.decode)["pd_transfer_queue_reqs"] < 3:
+                assert time.monotonic() < deadline, "the rooms never reached the transfer queue"
+                time.sleep(0.1)
+            pair.prefill.stop(signal.SIGKILL)
+            start = time.monotonic()
+            results = [d.result() for d in decodes]
+            elapsed = time.monotonic() - start
+        codes = [r.status_code for r in results]
+        assert codes[3:] == [503] * 3, [r.text for r in results]
+        assert all("is gone" in r.text for r in results[3:])
+        assert set(codes[:3]) <= {200, 503}
+        assert elapsed < 10, elapsed  # the heartbeat found it, not the 30 s timeout
+        d = scheduler_stats(pair.decode, num_running_reqs=0, num_used_tokens=0)
+        assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
+        assert d["pd_transfer_queue_reqs"] == 0 and d["pd_prealloc_queue_reqs"] == 0
+        pair.prefill.start()
+        _, dec = pair.generate({"input_ids": [5, 6, 7, 8], "sampling_params": GREEDY})
+        assert dec.status_code == 200, dec.text + pair.decode.log_text()[-3000:]
 
 
 def test_pd_over_mooncake(tiny_chat_model_dir, tiny_server):
@@ -190,9 +370,16 @@ def last_stream_event(resp: requests.Response) -> dict:
     return events[-1]
 
 
+def tiny_chat(server, body: dict) -> str:
+    r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
 def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
     """``sglang-router --pd-disaggregation --prefill URL BOOTSTRAP_PORT --decode URL`` in front:
-    it adds the bootstrap fields itself; streaming and not, text and input_ids."""
+    it adds the bootstrap fields itself; streaming and not, text and input_ids, native and
+    OpenAI routes."""
     pytest.importorskip("sglang_router")
     port = free_port()
     cmd = [
@@ -231,8 +418,22 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
             last = last_stream_event(streamed)
             assert last["output_ids"] == want["output_ids"]
             assert last["text"] == want["text"]
-        stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 4, num_running_reqs=0)
-        assert stats["kv_transfers"] == before + 4 and stats["prefill_tokens"] == 0
+        # The OpenAI API through the router (it adds the bootstrap fields to those bodies too),
+        # with the openai client; n > 1 gets a room per sample.
+        import openai
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        messages = [{"role": "user", "content": "Say something."}]
+        chat = {"model": "default", "messages": messages, "temperature": 0, "max_tokens": 12}
+        want = tiny_chat(tiny_server, chat)
+        got = client.chat.completions.create(**chat)
+        assert got.choices[0].message.content == want
+        two = client.chat.completions.create(**chat, n=2)
+        assert [c.message.content for c in two.choices] == [want, want]
+        stream = client.chat.completions.create(**chat, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+        stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 8, num_running_reqs=0)
+        assert stats["kv_transfers"] == before + 8 and stats["prefill_tokens"] == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(router.pid, signal.SIGKILL)  # its server outlives a SIGTERM (FACTS.md)

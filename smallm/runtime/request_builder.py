@@ -235,14 +235,15 @@ def build_requests(
     want_logprobs = _per_prompt(call.return_logprob, len(prompts), "return_logprob")
     starts = _per_prompt(call.logprob_start_len, len(prompts), "logprob_start_len")
     tops = _per_prompt(call.top_logprobs_num, len(prompts), "top_logprobs_num")
-    b_hosts = _per_prompt(call.bootstrap_host, len(prompts), "bootstrap_host")
-    b_ports = _per_prompt(call.bootstrap_port, len(prompts), "bootstrap_port")
-    b_rooms = _per_prompt(call.bootstrap_room, len(prompts), "bootstrap_room")
+    parsed = [SamplingParams.from_dict(p).validate(vocab_size) for p in params_list]
+    samples = [p.n for p in parsed]
+    b_hosts = _per_sample(call.bootstrap_host, samples, "bootstrap_host")
+    b_ports = _per_sample(call.bootstrap_port, samples, "bootstrap_port")
+    b_rooms = _per_sample(call.bootstrap_room, samples, "bootstrap_room")
     if isinstance(call.rid, list) and len(set(call.rid)) != len(call.rid):
         raise RequestError("rid entries must be distinct", "rid")
     out: list[GenerateRequest] = []
-    for i, (ids, raw_params, rid) in enumerate(zip(prompts, params_list, rids)):
-        params = SamplingParams.from_dict(raw_params).validate(vocab_size)
+    for i, (ids, params, rid) in enumerate(zip(prompts, parsed, rids)):
         _check_prompt(ids, vocab_size, params, context_length)
         base = rid or uuid.uuid4().hex
         group = base if params.n > 1 else None
@@ -261,9 +262,9 @@ def build_requests(
                     stream=call.stream,
                     group=group,
                     data_parallel_rank=call.data_parallel_rank,
-                    bootstrap_host=b_hosts[i],
-                    bootstrap_port=b_ports[i],
-                    bootstrap_room=sample_room(b_rooms[i], k),
+                    bootstrap_host=b_hosts[i][k],
+                    bootstrap_port=b_ports[i][k],
+                    bootstrap_room=b_rooms[i][k],
                 )
             )
     return out
@@ -279,6 +280,29 @@ def sample_room(room: int | None, k: int) -> int | None:
     if room is None or k == 0:
         return room
     return (room + k * 0x9E3779B97F4A7C15) % (1 << 64)
+
+
+def _per_sample(value: Any, samples: list[int], name: str) -> list[list]:
+    """A bootstrap field as one value per sample of each prompt (``samples[i]`` = prompt i's n).
+
+    A value, or a list with one per prompt, is what SGLang's router sends for ``/generate``;
+    each sample k > 0 of a prompt then gets the room ``sample_room(room, k)``. A list with one
+    per sample (sample-major: every prompt's sample 0, then every prompt's sample 1, ...) is
+    what it sends for an OpenAI request with ``n`` > 1, already one room per sample.
+    """
+    count, total = len(samples), sum(samples)
+    if isinstance(value, list) and len(value) == total and total != count:
+        if len(set(samples)) != 1:
+            raise RequestError(f"{name} per sample needs the same n for every prompt", name)
+        return [[value[i + k * count] for k in range(n)] for i, n in enumerate(samples)]
+    if isinstance(value, list) and len(value) != count:
+        raise RequestError(
+            f"{name} has {len(value)} entries for {count} prompts ({total} samples)", name
+        )
+    per_prompt = value if isinstance(value, list) else [value] * count
+    if name != "bootstrap_room":
+        return [[v] * n for v, n in zip(per_prompt, samples)]
+    return [[sample_room(v, k) for k in range(n)] for v, n in zip(per_prompt, samples)]
 
 
 def _per_prompt(value: Any, count: int, name: str) -> list:

@@ -143,6 +143,11 @@ class DecodeManager:
     def has_work(self) -> bool:
         return bool(self.pending or self.quarantine)
 
+    @property
+    def wake_sockets(self) -> list:
+        """(Nothing arrives on sockets here: KV and records land in memory; see ``poll``.)"""
+        return []
+
     def hold(self, r: Req) -> bool:
         """A finished request: the scheduler releases it as usual."""
         return False

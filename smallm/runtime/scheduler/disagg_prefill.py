@@ -188,7 +188,14 @@ class PrefillManager:
             self.dead_rooms[room] = time.monotonic()
 
     def has_work(self) -> bool:
-        return bool(self.held or self.writing or self.destinations)
+        # A decode server's message waiting counts: a transfer request or cancel may come
+        # while this server has nothing else to do.
+        return bool(self.held or self.writing or self.destinations or self.inbox.poll(0))
+
+    @property
+    def wake_sockets(self) -> list:
+        """Sockets the scheduler process's idle wait should wake up for."""
+        return [self.inbox]
 
     def remove(self, hit) -> list[Req]:
         """Aborts: a request held for its transfer has already answered its client."""
@@ -223,7 +230,9 @@ class PrefillManager:
                 del self.held[room]
                 self.scheduler._release(held.req)
         for room, dest in list(self.destinations.items()):
-            if now - dest.arrival > self.timeout:
+            # The decode side gives up on the room after the timeout and cancels it: keep the
+            # destination a while longer, so that the cancel finds it and is answered.
+            if now - dest.arrival > 2 * self.timeout:
                 del self.destinations[room]
         for room, since in list(self.dead_rooms.items()):
             if now - since > self.timeout:

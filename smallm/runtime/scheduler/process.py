@@ -122,6 +122,9 @@ class _SchedulerWorker:
 
         poller = zmq.Poller()
         poller.register(self.recv, zmq.POLLIN)
+        if self.scheduler.pd is not None:
+            for sock in self.scheduler.pd.wake_sockets:  # a prefill server's decode-side messages
+                poller.register(sock, zmq.POLLIN)
         last_stats = last_parent_check = time.monotonic()
         generated_at_last_stats = 0
         while True:
@@ -130,7 +133,7 @@ class _SchedulerWorker:
             # transfer on its thread or peer);
             # while busy, just take what has arrived.
             timeout = 100 if not busy else 5 if self.scheduler.waiting_only_for_background else 0
-            if poller.poll(timeout):
+            if dict(poller.poll(timeout)).get(self.recv):
                 while True:
                     try:
                         msg = self.recv.recv_pyobj(zmq.NOBLOCK)
