@@ -19,8 +19,7 @@ VOCAB = 1000
 def rooms(body: dict) -> list[tuple[list[int], int | None, int | None]]:
     call = GenerateCall.from_json(body)
     return [
-        (r.input_ids, r.bootstrap_room, r.bootstrap_port)
-        for r in build_requests(call, None, VOCAB)
+        (r.input_ids, r.bootstrap_room, r.bootstrap_port) for r in build_requests(call, None, VOCAB)
     ]
 
 
