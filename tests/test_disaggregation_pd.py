@@ -28,7 +28,14 @@ GREEDY = {"temperature": 0, "max_new_tokens": 16}
 class PDPair:
     """A prefill and a decode server joined by a bootstrap port."""
 
-    def __init__(self, model_dir, backend: str, timeout: float = 30.0):
+    def __init__(
+        self,
+        model_dir,
+        backend: str,
+        timeout: float = 30.0,
+        prefill_flags: tuple[str, ...] = (),
+        decode_flags: tuple[str, ...] = (),
+    ):
         self.bootstrap_port = free_port()
         common = [
             *TINY_SERVER_FLAGS,
@@ -44,8 +51,11 @@ class PDPair:
             "prefill",
             "--disaggregation-bootstrap-port",
             str(self.bootstrap_port),
+            *prefill_flags,
         )
-        self.decode = ServerProcess(model_dir, *common, "--disaggregation-mode", "decode")
+        self.decode = ServerProcess(
+            model_dir, *common, "--disaggregation-mode", "decode", *decode_flags
+        )
 
     def __enter__(self) -> PDPair:
         self.prefill.start()
@@ -346,6 +356,36 @@ def test_a_prefill_server_that_dies_fails_its_rooms_fast_and_the_decode_side_rec
         pair.prefill.start()
         _, dec = pair.generate({"input_ids": [5, 6, 7, 8], "sampling_params": GREEDY})
         assert dec.status_code == 200, dec.text + pair.decode.log_text()[-3000:]
+
+
+def test_two_prefill_replicas_and_two_decode_replicas(tiny_chat_model_dir, tiny_server):
+    """``--dp-size 2`` on both sides: the prefill front end sends room R to replica R % 2,
+    each replica registers as that data-parallel group, and the decode side's replicas find
+    it there; output as from one plain server, every replica did its part."""
+    dp2 = ("--dp-size", "2")
+    with PDPair(tiny_chat_model_dir, "fake", 30, dp2, dp2) as pair:
+        for k, ids in enumerate(prompts() * 2):
+            body = {"input_ids": ids, "sampling_params": GREEDY}
+            want = post(tiny_server, body).json()["output_ids"]
+            room = pair.bootstrap(room=random.getrandbits(62) * 2 + k % 2)  # both parities
+            with ThreadPoolExecutor(2) as pool:
+                p = pool.submit(post, pair.prefill, {**body, **room})
+                d = pool.submit(post, pair.decode, {**body, **room})
+                assert p.result().status_code == 200
+                dec = d.result()
+            assert dec.status_code == 200, dec.text + pair.decode.log_text()[-2000:]
+            assert dec.json()["output_ids"] == want
+        info = requests.get(pair.prefill.url + "/server_info", timeout=10).json()
+        deadline = time.monotonic() + 10
+        while True:
+            per_replica = [r["scheduler_stats"] or {} for r in info["replicas"]]
+            if [s.get("kv_transfers") for s in per_replica] == [4, 4]:
+                break
+            assert time.monotonic() < deadline, per_replica
+            time.sleep(0.3)
+            info = requests.get(pair.prefill.url + "/server_info", timeout=10).json()
+        d = scheduler_stats(pair.decode, kv_transfers=8, num_running_reqs=0)
+        assert d["kv_transfers"] == 8 and d["prefill_tokens"] == 0
 
 
 def test_pd_over_mooncake(tiny_chat_model_dir, tiny_server):

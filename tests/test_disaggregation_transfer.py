@@ -408,18 +408,35 @@ def test_flags_and_disaggregation_modules_stay_torch_free():
     assert result.returncode == 0, result.stderr
 
 
-def test_a_disaggregated_server_needs_one_replica(tiny_chat_model_dir):
-    """The bootstrap service and the transfer engine live in the one scheduler process: a
-    disaggregated server with --dp-size > 1 stops with exit code 2 and says why."""
+def test_a_prefill_server_whose_bootstrap_port_is_taken_says_so(tiny_chat_model_dir):
+    """The bootstrap service starts first, in the front end: a port in use stops the server at
+    once (exit 1) with the port named, before any model is loaded."""
+    import socket
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "smallm.launch_server", "--model-path", str(tiny_chat_model_dir)]
-    out = subprocess.run(
-        [*cmd, "--disaggregation-mode", "prefill", "--dp-size", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    assert "served with --dp-size 1 only" in out.stderr + out.stdout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "smallm.launch_server",
+            "--model-path",
+            str(tiny_chat_model_dir),
+        ]
+        out = subprocess.run(
+            [
+                *cmd,
+                "--disaggregation-mode",
+                "prefill",
+                "--disaggregation-bootstrap-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 1
+    assert f"cannot serve the bootstrap service on 127.0.0.1:{port}" in out.stderr + out.stdout

@@ -4,8 +4,8 @@ Every request a decode server accepts carries ``bootstrap_host``/``bootstrap_por
 ``bootstrap_room``. The scheduler hands it to ``DecodeManager.accept``, and it moves through
 three states, each polled once per scheduler step (nothing here blocks the loop):
 
-1. ``LOOKUP``: the prefill rank for the room is asked of the bootstrap service, on a worker
-   thread (the answer is cached per bootstrap address).
+1. ``LOOKUP``: the prefill ranks are asked of the bootstrap service, on a worker thread (the
+   answer is cached per bootstrap address); the room's rank is group ``room % prefill dp size``.
 2. ``RESERVE`` -> ``TRANSFERRING``: once memory allows, the manager reserves a request-table row,
    one KV slot per prompt token, and a first-token record, then sends the prefill rank one JSON
    message over ZMQ PUSH (``peer_messages``: room, this engine's session id, KV layout, slot
@@ -100,7 +100,8 @@ class DecodeManager:
         self.engine.register(self.records.layout().base_ptr, self.records.nbytes)
         self.free_records = SlotAllocator(n)
         self.lookups = ThreadPoolExecutor(1, thread_name_prefix="pd-bootstrap")
-        self.targets: dict[str, Future] = {}  # bootstrap "host:port" -> lookup of rank 0
+        # bootstrap "host:port" -> lookup of its ranks (one per data-parallel group)
+        self.targets: dict[str, Future] = {}
         self.heartbeats: dict[str, tuple[float, Future | None]] = {}  # address -> (last, check)
         self.ctx = zmq.Context()
         self.sockets: dict[str, Any] = {}
@@ -177,7 +178,8 @@ class DecodeManager:
                 if not p.lookup.done():
                     continue
                 try:
-                    p.target = p.lookup.result()
+                    targets = p.lookup.result()
+                    p.target = targets[p.req.msg.bootstrap_room % len(targets)]
                 except (BootstrapError, KVLayoutMismatch, ValueError, KeyError) as e:
                     self.bootstrap_failures += 1
                     self._fail(p, out, f"bootstrap failed: {e}")
@@ -198,16 +200,21 @@ class DecodeManager:
 
     # ---- steps -------------------------------------------------------------------------
 
-    def _lookup(self, address: str) -> str:
+    def _lookup(self, address: str) -> list[str]:
+        """Every data-parallel group's prefill rank at ``address``: their ZMQ addresses, by
+        group (room R is computed by group R % len)."""
         client = BootstrapClient(address, timeout=min(self.timeout, 5.0))
+        targets = []
         try:
-            info = client.lookup(0, 0, 0)
+            for group in range(client.parallel_info().prefill_dp_size):
+                info = client.lookup(0, group, 0)
+                if info.kv_layout is not None:
+                    KVLayout.from_dict(info.kv_layout).check_compatible(self.layout)
+                host = f"[{info.rank_ip}]" if ":" in info.rank_ip else info.rank_ip
+                targets.append(f"tcp://{host}:{info.rank_port}")
         finally:
             client.close()
-        if info.kv_layout is not None:
-            KVLayout.from_dict(info.kv_layout).check_compatible(self.layout)
-        host = f"[{info.rank_ip}]" if ":" in info.rank_ip else info.rank_ip
-        return f"tcp://{host}:{info.rank_port}"
+        return targets
 
     def _heartbeat(self, now: float) -> set[str]:
         """Check, about once a second, that each prefill server with rooms in flight still
@@ -241,9 +248,10 @@ class DecodeManager:
     def _forget(self, address: str) -> None:
         lookup = self.targets.pop(address, None)
         if lookup is not None and lookup.done() and lookup.exception() is None:
-            sock = self.sockets.pop(lookup.result(), None)
-            if sock is not None:
-                sock.close(linger=0)
+            for target in lookup.result():
+                sock = self.sockets.pop(target, None)
+                if sock is not None:
+                    sock.close(linger=0)
 
     def _reserve(self, p: _Pending) -> bool:
         s = self.scheduler

@@ -20,7 +20,9 @@ here, its prompt differs from the decode side's, the write failed, or the decode
 cancelled). The decode side relies on that: after a cancel it keeps the room's slots until the
 record shows the room ended, so no late write lands in memory it has handed out again.
 
-Limits: one prefill rank (dp 1, tp 1).
+With ``--dp-size N`` each replica runs its own manager, registered with the server's
+bootstrap service as data-parallel group ``dp_rank``; the front end sends a request with room
+R to replica ``R % N``, where the decode side looks it up.
 """
 
 from __future__ import annotations
@@ -32,11 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from smallm.runtime.disaggregation.bootstrap import (
-    BootstrapClient,
-    BootstrapServer,
-    PrefillRankInfo,
-)
+from smallm.runtime.disaggregation.bootstrap import BootstrapClient, PrefillRankInfo
 from smallm.runtime.disaggregation.kv_plan import (
     FirstToken,
     FirstTokenBuffer,
@@ -100,7 +98,7 @@ class WriteResult:
 class PrefillManager:
     """Bootstrap service, transfer engine and the requests whose KV waits for a destination."""
 
-    def __init__(self, scheduler: Any, args: Any) -> None:
+    def __init__(self, scheduler: Any, args: Any, dp_rank: int = 0) -> None:
         import zmq
 
         self.scheduler = scheduler
@@ -119,20 +117,24 @@ class PrefillManager:
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         self.port = self.inbox.bind_to_random_port(f"tcp://{self.host}")
-        # SGLang runs the bootstrap service beside the prefill server; here it runs on a thread
-        # of the (single) scheduler process.
-        self.bootstrap = BootstrapServer(self.host, args.disaggregation_bootstrap_port)
-        self.bootstrap.start_in_thread()
-        client = BootstrapClient(f"{self.host}:{self.bootstrap.port}")
-        client.register(
-            PrefillRankInfo(
-                rank_ip=self.host,
-                rank_port=self.port,
-                session_id=self.engine.session_id,
-                kv_layout=self.layout.to_dict(),
+        # The server's front end runs the bootstrap service (launch.py); this replica
+        # registers as data-parallel group dp_rank, where decode servers look up the rooms
+        # with room % dp_size == dp_rank (the front end routes those rooms here).
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        client = BootstrapClient(f"{host}:{args.disaggregation_bootstrap_port}")
+        try:
+            client.register(
+                PrefillRankInfo(
+                    rank_ip=self.host,
+                    rank_port=self.port,
+                    system_dp_size=args.dp_size,
+                    system_dp_rank=dp_rank,
+                    session_id=self.engine.session_id,
+                    kv_layout=self.layout.to_dict(),
+                )
             )
-        )
-        client.close()
+        finally:
+            client.close()
         self.destinations: dict[int, Destination] = {}  # arrived before their request finished
         self.held: dict[int, _Held] = {}  # finished, waiting for their destination
         self.writing: dict[int, tuple[Future, Req | None]] = {}  # on the transfer thread
@@ -347,7 +349,6 @@ class PrefillManager:
 
     def close(self) -> None:
         self.writer.shutdown(wait=True, cancel_futures=True)
-        self.bootstrap.close()
         self.inbox.close(linger=0)
         self.ctx.term()
         self.engine.close()

@@ -78,7 +78,7 @@ class _SchedulerWorker:
         if args.disaggregation_mode == "prefill":
             from smallm.runtime.scheduler.disagg_prefill import PrefillManager
 
-            self.scheduler.pd = PrefillManager(self.scheduler, args)
+            self.scheduler.pd = PrefillManager(self.scheduler, args, dp_rank)
         elif args.disaggregation_mode == "decode":
             from smallm.runtime.scheduler.disagg_decode import DecodeManager
 

@@ -85,12 +85,21 @@ class _Replica:
 class DataParallelCoordinator:
     """Places requests on replicas and tracks their load (see the module docstring)."""
 
-    def __init__(self, dp_size: int, method: str = "cache_aware", capacity_tokens: int = 0):
+    def __init__(
+        self,
+        dp_size: int,
+        method: str = "cache_aware",
+        capacity_tokens: int = 0,
+        route_by_room: bool = False,
+    ):
         if dp_size < 1:
             raise ValueError("dp_size must be >= 1")
         if method not in ("round_robin", "shortest_queue", "cache_aware"):
             raise ValueError(f"unknown load balance method {method!r}")
         self.method = method
+        # A prefill server's replica for a request with a bootstrap room is room % dp_size:
+        # the decode side looks the room's prefill rank up by the same rule (SGLang's).
+        self.route_by_room = route_by_room
         pages = max(capacity_tokens // ROUTING_PAGE_TOKENS, 1)
         self.replicas = [_Replica(r, pages) for r in range(dp_size)]
         self._next = 0  # round_robin's turn
@@ -104,12 +113,17 @@ class DataParallelCoordinator:
     def live_ranks(self) -> list[int]:
         return [r.rank for r in self.replicas if r.alive]
 
-    def place(self, input_ids: Sequence[int], rank: int | None = None) -> int:
+    def place(
+        self, input_ids: Sequence[int], rank: int | None = None, room: int | None = None
+    ) -> int:
         """The replica for a request (and count it as started there). Raises PlacementError
-        for an explicit rank that is out of range or dead, or when no replica is alive."""
+        for an explicit rank that is out of range or dead, or when no replica is alive.
+        ``room``: the request's bootstrap room (decides on a prefill server)."""
         live = [r for r in self.replicas if r.alive]
         if not live:
             raise PlacementError("no data-parallel replica is alive")
+        if rank is None and room is not None and self.route_by_room:
+            rank = room % self.dp_size
         hashes: list[int] = []
         if self.method == "cache_aware":
             hashes = page_hashes(input_ids)

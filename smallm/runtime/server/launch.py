@@ -60,14 +60,6 @@ def launch_server(args: ServerArgs) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s",
     )
-    if args.disaggregation_mode != "null" and args.dp_size > 1:
-        # One scheduler process hosts the bootstrap service and the transfer engine.
-        logger.error(
-            "--disaggregation-mode %s is served with --dp-size 1 only (got %d)",
-            args.disaggregation_mode,
-            args.dp_size,
-        )
-        return 2
     from smallm.runtime.model.loader import resolve_model_path
 
     # Resolve once here (converting the default GGUF if needed) so the workers get a path.
@@ -80,7 +72,25 @@ def launch_server(args: ServerArgs) -> int:
     ipc_dir = tempfile.mkdtemp(prefix="smallm-ipc-")  # mode 0700
     workers: list[_Worker] = []
     code = 1
+    bootstrap = None
     try:
+        if args.disaggregation_mode == "prefill":
+            # The bootstrap service runs here, once per server; every replica registers its
+            # rank with it (dp_group = its dp_rank) when it starts.
+            from smallm.runtime.disaggregation.bootstrap import BootstrapError, BootstrapServer
+
+            bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port)
+            try:
+                bootstrap.start_in_thread()
+            except BootstrapError as e:
+                logger.error(
+                    "cannot serve the bootstrap service on %s:%d (--disaggregation-bootstrap-port)"
+                    ": %s",
+                    args.host,
+                    args.disaggregation_bootstrap_port,
+                    e.__cause__ or e,
+                )
+                return 1
         endpoints = IpcEndpoints.in_dir(ipc_dir)
         workers = _start_workers(args, endpoints)
         infos = _wait_ready(workers)
@@ -93,6 +103,8 @@ def launch_server(args: ServerArgs) -> int:
         # survivors wait for work that will never come: don't wait long for them.
         for w in workers:
             w.stop(timeout=10 if code == 0 else 1)
+        if bootstrap is not None:
+            bootstrap.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
@@ -201,7 +213,10 @@ async def _serve(args: ServerArgs, endpoints: IpcEndpoints, workers: list[_Worke
         else None
     )
     coordinator = DataParallelCoordinator(
-        args.dp_size, args.load_balance_method, capacity_tokens=info["max_total_tokens"]
+        args.dp_size,
+        args.load_balance_method,
+        capacity_tokens=info["max_total_tokens"],
+        route_by_room=args.disaggregation_mode == "prefill",
     )
     tm = TokenizerManager(
         endpoints, model_info, tokenizer, metrics, args.log_requests, coordinator=coordinator

@@ -226,7 +226,9 @@ class TokenizerManager:
         ranks: list[int] = []
         try:
             for m in msgs:
-                ranks.append(self.coordinator.place(m.input_ids, m.data_parallel_rank))
+                ranks.append(
+                    self.coordinator.place(m.input_ids, m.data_parallel_rank, m.bootstrap_room)
+                )
         except PlacementError as e:
             for rank in ranks:
                 self.coordinator.finished(rank)
