@@ -214,9 +214,20 @@ def test_a_room_whose_prompts_differ_fails_fast_and_frees_both_sides(pd_fake):
         assert dec.status_code == 503, dec.text
         assert "prefill server failed" in dec.text
         assert elapsed < 6, elapsed  # the record said FAILED; the timeout is 8 s
+    # Streaming: the stream carries the error event (status and message), then ends.
+    room = pd_fake.bootstrap()
+    with ThreadPoolExecutor(2) as pool:
+        pre = pool.submit(
+            post, pd_fake.prefill, {"input_ids": [7, 8, 9], "sampling_params": GREEDY, **room}
+        )
+        body = {"input_ids": [7, 8, 10], "sampling_params": GREEDY, "stream": True, **room}
+        streamed = requests.post(pd_fake.decode.url + "/generate", json=body, stream=True)
+        last = last_stream_event(streamed)
+        assert pre.result().status_code == 200
+    assert last["error"]["code"] == 503 and "prefill server failed" in last["error"]["message"]
     d = scheduler_stats(pd_fake.decode, num_used_tokens=0, num_running_reqs=0)
     assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
-    assert d["kv_transfer_failures"] == d_before["kv_transfer_failures"] + 2
+    assert d["kv_transfer_failures"] == d_before["kv_transfer_failures"] + 3
     assert d["kv_transfers"] == d_before["kv_transfers"]
     p = scheduler_stats(pd_fake.prefill, num_used_tokens=0, pd_transfer_queue_reqs=0)
     assert p["num_used_tokens"] == 0 and p["pd_transfer_queue_reqs"] == 0
