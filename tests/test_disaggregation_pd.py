@@ -256,7 +256,8 @@ def test_aborting_a_waiting_decode_request_frees_its_reservation(pd_fake):
 def test_n_samples_and_batches_get_a_room_each(pd_fake, tiny_server):
     """One room for an n > 1 request (what the router sends): both servers expand it into the
     same per-sample rooms, so every sample's KV reaches its own decode request."""
-    before = scheduler_stats(pd_fake.decode)["kv_transfers"]
+    start = scheduler_stats(pd_fake.decode)
+    before, computed = start["kv_transfers"], start["prefill_tokens"]  # (jump-forward extends)
     ids = prompts()[2]
     body = {"input_ids": ids, "sampling_params": {**GREEDY, "n": 3}}
     want = post(tiny_server, {"input_ids": ids, "sampling_params": GREEDY}).json()["output_ids"]
@@ -286,7 +287,41 @@ def test_n_samples_and_batches_get_a_room_each(pd_fake, tiny_server):
     assert got.status_code == 200, got.text
     assert [x["output_ids"] for x in got.json()] == wants
     stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 6, num_used_tokens=0)
-    assert stats["kv_transfers"] == before + 6 and stats["prefill_tokens"] == 0
+    assert stats["kv_transfers"] == before + 6 and stats["prefill_tokens"] == computed
+
+
+def test_constrained_requests_decode_under_their_grammar(pd_fake, tiny_server):
+    """JSON schema and regex: the prefill side samples the first token under the constraint,
+    the decode side's grammar (compiled meanwhile) takes it and goes on, jump-forward
+    included; output as from one plain server, and valid."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    cases = [
+        {"json_schema": json.dumps(schema), "max_new_tokens": 48},
+        {"regex": r"(yes|no), [0-9]{3}", "max_new_tokens": 16},
+    ]
+    for extra in cases:
+        body = {"text": "Answer:", "sampling_params": {**GREEDY, **extra}}
+        want = post(tiny_server, body).json()
+        pre, dec = pd_fake.generate(body)
+        assert pre.status_code == 200, pre.text
+        assert dec.status_code == 200, dec.text
+        assert dec.json()["output_ids"] == want["output_ids"]
+        assert dec.json()["text"] == want["text"]
+        if "json_schema" in extra:
+            jsonschema.validate(json.loads(dec.json()["text"]), schema)
+    # A grammar that does not compile is the client's error, on the decode side too.
+    bad = {"input_ids": [5, 6], "sampling_params": {**GREEDY, "regex": "(unclosed"}}
+    _, dec = pd_fake.generate(bad)
+    assert dec.status_code == 400 and "regex" in dec.text, dec.text
+    d = scheduler_stats(pd_fake.decode, num_used_tokens=0, num_grammar_queue_reqs=0)
+    assert d["num_used_tokens"] == 0 and d["num_grammar_queue_reqs"] == 0
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -451,7 +486,8 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
                     break
             assert time.monotonic() < deadline, "the router did not start"
             time.sleep(0.25)
-        before = scheduler_stats(pd_fake.decode)["kv_transfers"]
+        start = scheduler_stats(pd_fake.decode)
+        before, computed = start["kv_transfers"], start["prefill_tokens"]
         bodies = [
             {"input_ids": prompts()[2], "sampling_params": GREEDY},
             {"text": "Once upon a time", "sampling_params": GREEDY},
@@ -484,7 +520,7 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
         stream = client.chat.completions.create(**chat, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
         stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 8, num_running_reqs=0)
-        assert stats["kv_transfers"] == before + 8 and stats["prefill_tokens"] == 0
+        assert stats["kv_transfers"] == before + 8 and stats["prefill_tokens"] == computed
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(router.pid, signal.SIGKILL)  # its server outlives a SIGTERM (FACTS.md)

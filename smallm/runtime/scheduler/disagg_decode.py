@@ -15,6 +15,10 @@ three states, each polled once per scheduler step (nothing here blocks the loop)
    token], ``kv_len`` = prompt length, its slots private (they enter the radix cache when it
    finishes, like any request's).
 
+A constrained request's grammar compiles (on the scheduler's grammar queue) while its KV
+moves; the first token, sampled under the constraint by the prefill side, is fed to it on
+arrival (``Scheduler._advance``: stop checks and jump-forward as after any sampled token).
+
 Failures answer the client at once and never hang: ``FAILED`` in the record (503), no answer
 within ``--disaggregation-timeout`` of acceptance (504), a prefill server that stops listening
 (503; found by a heartbeat to its bootstrap service about once a second while rooms wait on
@@ -52,6 +56,7 @@ from smallm.runtime.disaggregation.peer_messages import (
     prompt_digest,
 )
 from smallm.runtime.disaggregation.transfer import create_transfer_engine
+from smallm.runtime.scheduler.grammar_queue import grammar_spec
 from smallm.runtime.scheduler.request import Phase, Req
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,7 @@ class _Pending:
     record: int = -1  # first-token record index, once reserved
     slots: np.ndarray | None = None
     sent_at: float | None = None  # when the transfer request went out
+    grammar_ready: bool = True  # a constrained request's grammar, compiled beside the transfer
 
 
 @dataclass
@@ -129,17 +135,36 @@ class DecodeManager:
                 )
             )
             return True
-        if r.grammar is not None or _constrained(msg.params):
-            out.append(_error(r, "constrained decoding is not supported with disaggregation yet"))
-            return True
+        constraint = grammar_spec(msg.params)
+        if constraint is not None:
+            # The prefill side samples the first token under the constraint; the grammar
+            # compiles here meanwhile and takes that token when the KV arrives.
+            error = self.scheduler.grammars.add(r, *constraint)
+            if error:
+                out.append(_error(r, error))
+                return True
         host = f"[{msg.bootstrap_host}]" if ":" in msg.bootstrap_host else msg.bootstrap_host
         address = f"{host}:{msg.bootstrap_port}"
         lookup = self.targets.get(address)
         if lookup is None or (lookup.done() and lookup.exception() is not None):
             lookup = self.lookups.submit(self._lookup, address)
             self.targets[address] = lookup
-        self.pending.append(_Pending(r, time.monotonic(), address, lookup))
+        self.pending.append(
+            _Pending(r, time.monotonic(), address, lookup, grammar_ready=constraint is None)
+        )
         return True
+
+    def grammar_compiled(self, r: Req, error: str | None, out: list) -> bool:
+        """A grammar finished compiling: True when it was one of the pending requests' (then
+        it is this manager's: ready, or failed with ``error``, a 400)."""
+        for p in self.pending:
+            if p.req is r:
+                if error is None:
+                    p.grammar_ready = True
+                else:
+                    self._fail(p, out, error, status=400)
+                return True
+        return False
 
     def has_work(self) -> bool:
         return bool(self.pending or self.quarantine)
@@ -192,6 +217,8 @@ class DecodeManager:
             record = self.records.get(p.record)
             if record.room != p.req.msg.bootstrap_room or record.status is FirstTokenStatus.PENDING:
                 continue
+            if record.status is FirstTokenStatus.OK and not p.grammar_ready:
+                continue  # the KV is here; the grammar that takes its first token is not yet
             if record.status is FirstTokenStatus.FAILED:
                 # The record is final: nothing more is written for this room, free it all.
                 self._fail(p, out, "the prefill server failed to compute or send this request")
@@ -311,17 +338,17 @@ class DecodeManager:
         r.pending_ids.append(token)
         if r.msg.return_logprob and logprob is not None:
             r.pending_logprobs.append((logprob, token))
+        r.phase = Phase.DECODE
+        s._advance(r, token)  # grammar, stop conditions, jump-forward (which may set PREFILL)
         self.transfers += 1
         self.transfer_bytes += plan_bytes(self.layout, r.kv_len)
         waited = time.monotonic() - p.sent_at
         self.transfer_seconds += waited
         self.latencies.append(waited)
-        r.finish_reason = s._check_finished(r, token)
         if r.finish_reason is not None:
             s._release(r)
             r.phase = Phase.FINISHED
         else:
-            r.phase = Phase.DECODE
             s.running.append(r)
         out.append(s._output(r))
 
@@ -332,6 +359,8 @@ class DecodeManager:
         ``dead``: its prefill server is gone, so nothing can write into its slots any more."""
         s = self.scheduler
         self.pending.remove(p)
+        if not p.grammar_ready:  # still compiling: it must not come back as a local request
+            s.grammars.remove(lambda r: r is p.req)
         if p.slots is not None:
             s.table.free(p.req.req_pool_index)  # only this side writes the table
             p.req.req_pool_index = -1
@@ -405,13 +434,6 @@ class DecodeManager:
             sock.close(linger=0)
         self.ctx.term()
         self.engine.close()
-
-
-def _constrained(params: Any) -> bool:
-    return any(
-        getattr(params, name, None) is not None
-        for name in ("regex", "json_schema", "ebnf", "structural_tag")
-    )
 
 
 def _error(r: Req, message: str, status: int = 400):

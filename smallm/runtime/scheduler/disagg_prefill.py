@@ -189,6 +189,10 @@ class PrefillManager:
         else:
             self.dead_rooms[room] = time.monotonic()
 
+    def grammar_compiled(self, r: Req, error: str | None, out: list) -> bool:
+        """(The decode side's hook: a prefill server's constrained requests run as usual.)"""
+        return False
+
     def has_work(self) -> bool:
         # A decode server's message waiting counts: a transfer request or cancel may come
         # while this server has nothing else to do.

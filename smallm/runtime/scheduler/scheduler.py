@@ -160,6 +160,9 @@ class Scheduler:
 
     def _poll_grammars(self, out: list) -> None:
         ready, failed = self.grammars.poll()
+        if self.pd is not None:  # a decode server's requests wait for their KV, not here
+            ready = [r for r in ready if not self.pd.grammar_compiled(r, None, out)]
+            failed = [(r, e) for r, e in failed if not self.pd.grammar_compiled(r, e, out)]
         self.waiting.extend(ready)
         for r, error in failed:
             self._refuse(r.msg, error, out)
@@ -429,16 +432,22 @@ class Scheduler:
                 r.pending_logprobs.append((sampled.logprobs[j], tok))
                 if r.msg.top_logprobs_num and sampled.top_logprobs is not None:
                     r.pending_top.append(sampled.top_logprobs[j])
-            if r.grammar is not None and not r.grammar.accept_token(tok):
-                # The mask allowed only what the grammar accepts; this is a backend bug.
-                r.finish_reason = {"type": "abort", "message": f"the grammar rejected token {tok}"}
-                continue
-            r.finish_reason = self._check_finished(r, tok)
-            if r.grammar is not None and r.finish_reason is None:
-                if r.grammar.is_terminated():
-                    r.finish_reason = {"type": "stop", "matched": tok}
-                elif not self.config.disable_jump_forward and not r.msg.return_logprob:
-                    self._jump_forward(r)
+            self._advance(r, tok)
+
+    def _advance(self, r: Req, tok: int) -> None:
+        """r's new token ``tok`` (already in its output): feed its grammar, decide whether r
+        finished, and jump forward over text its grammar forces."""
+        if r.grammar is not None and not r.grammar.accept_token(tok):
+            # The mask allowed only what the grammar accepts; this is a backend bug (or, on
+            # a decode server, a prefill server that sampled without the constraint).
+            r.finish_reason = {"type": "abort", "message": f"the grammar rejected token {tok}"}
+            return
+        r.finish_reason = self._check_finished(r, tok)
+        if r.grammar is not None and r.finish_reason is None:
+            if r.grammar.is_terminated():
+                r.finish_reason = {"type": "stop", "matched": tok}
+            elif not self.config.disable_jump_forward and not r.msg.return_logprob:
+                self._jump_forward(r)
 
     def _near_limit(self, r: Req) -> bool:
         if self.json_closer is None:
