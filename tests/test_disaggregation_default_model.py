@@ -13,7 +13,6 @@ same passes, and the outputs must match exactly (token ids; logprobs to 1e-6, se
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -32,9 +31,17 @@ from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-# Flags of conftest's `default_server`: the PD pair must run the same numeric path.
-DEFAULT_SERVER_FLAGS = ("--max-total-tokens", "16384")
-BACKEND = "mooncake" if importlib.util.find_spec("mooncake") else "fake"
+
+def transfer_backend() -> str:
+    """Mooncake's engine where it imports (the real path), else the fake TCP engine."""
+    try:
+        import mooncake.engine  # noqa: F401
+    except (ImportError, OSError):  # not installed, or its shared libraries are missing
+        return "fake"
+    return "mooncake"
+
+
+BACKEND = transfer_backend()
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 # The first token and its logprob are computed by the prefill server in the same passes and
 # kernels as by the single server (same flags, same cache state), and the first-token record
@@ -70,10 +77,11 @@ def wait_healthy(url: str, timeout: float = 60) -> None:
 class PDDeployment:
     """A prefill and a decode server on the default model, and sglang-router in PD mode."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, flags: list[str], backend: str) -> None:
+        """``flags``: the single server's (model included), so both run the same numeric path."""
         self.backend = backend
         self.bootstrap_port = free_port()
-        common = [*DEFAULT_SERVER_FLAGS, "--disaggregation-transfer-backend", backend]
+        common = [*flags, "--disaggregation-transfer-backend", backend]
         self.prefill = ServerProcess(
             None,
             *common,
@@ -127,8 +135,8 @@ class PDDeployment:
 @pytest.fixture(scope="module", params=[BACKEND], ids=[f"transfer={BACKEND}"])
 def pd(request, default_server):
     pytest.importorskip("sglang_router")
-    # default_server first: it is started (or reused) before the pair, whose start it outlasts.
-    with PDDeployment(request.param) as deployment:
+    # Exactly default_server's flags (its model too) plus the disaggregation ones.
+    with PDDeployment(default_server.flags, request.param) as deployment:
         yield deployment
 
 
