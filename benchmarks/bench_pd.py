@@ -200,42 +200,75 @@ async def run_workload(url: str, w: Workload, tag: str) -> RunResult:
 
 @dataclass
 class TransferSnapshot:
+    """One server's cumulative KV transfer counters."""
+
     transfers: int
     nbytes: int
-    seconds: float | None  # the prefill side's write time, None when the server has no series
+    seconds: float | None  # None when the server exports no transfer time
     source: str  # where ``seconds`` came from
 
 
 _HIST = re.compile(r"^smallm:kv_transfer_seconds_(sum|count)\{([^}]*)\} ([0-9.e+-]+)$", re.M)
 
 
-def _transfer_snapshot(prefill_url: str) -> TransferSnapshot:
-    stats = _get_json(prefill_url + "/server_info").get("scheduler_stats") or {}
+def _transfer_snapshot(url: str, mode: str) -> TransferSnapshot:
+    """``mode`` is the server's ``engine_type``: on a prefill server the time is the write of
+    a room's KV and first-token record; on a decode server, transfer request to the KV's
+    arrival (the prefill side's queueing and compute included)."""
+    stats = _get_json(url + "/server_info").get("scheduler_stats") or {}
     transfers = int(stats.get("kv_transfers", 0))
     nbytes = int(stats.get("kv_transfer_bytes", 0))
     seconds: float | None = None
     source = "none"
     found = {
         kind: float(v)
-        for kind, labels, v in _HIST.findall(_get_text(prefill_url + "/metrics"))
-        if 'engine_type="prefill"' in labels
+        for kind, labels, v in _HIST.findall(_get_text(url + "/metrics"))
+        if f'engine_type="{mode}"' in labels
     }
     if "sum" in found:
-        seconds, source = found["sum"], "/metrics smallm:kv_transfer_seconds (prefill)"
+        seconds, source = found["sum"], "/metrics smallm:kv_transfer_seconds"
     elif "kv_transfer_seconds" in stats:
-        seconds, source = float(stats["kv_transfer_seconds"]), "scheduler_stats kv_transfer_seconds"
+        seconds, source = float(stats["kv_transfer_seconds"]), "scheduler_stats"
     return TransferSnapshot(transfers, nbytes, seconds, source)
 
 
-def _wait_transfers(prefill_url: str, at_least: int, timeout: float = 15) -> TransferSnapshot:
-    """The prefill server's counters once they count ``at_least`` transfers: scheduler stats
-    reach the front end a few times a second."""
+def _wait_transfers(url: str, mode: str, at_least: int, timeout: float = 15) -> TransferSnapshot:
+    """The server's counters once they count ``at_least`` transfers: scheduler stats reach
+    the front end a few times a second."""
     deadline = time.monotonic() + timeout
     while True:
-        snap = _transfer_snapshot(prefill_url)
+        snap = _transfer_snapshot(url, mode)
         if snap.transfers >= at_least or time.monotonic() > deadline:
             return snap
         time.sleep(0.25)
+
+
+@dataclass
+class TransferDelta:
+    """What moved between two snapshots of one server."""
+
+    rooms: int
+    nbytes: int
+    seconds: float | None
+    source: str
+
+    @classmethod
+    def between(cls, a: TransferSnapshot, b: TransferSnapshot) -> TransferDelta:
+        secs = None if a.seconds is None or b.seconds is None else b.seconds - a.seconds
+        return cls(b.transfers - a.transfers, b.nbytes - a.nbytes, secs, b.source)
+
+
+def measure_transfers(prefill: str, decode: str, run) -> tuple[object, dict]:
+    """Run ``run()`` and return its result with the transfers it caused on both servers."""
+    p0, d0 = _transfer_snapshot(prefill, "prefill"), _transfer_snapshot(decode, "decode")
+    result, sent = run()
+    p1 = _wait_transfers(prefill, "prefill", p0.transfers + sent)
+    d1 = _wait_transfers(decode, "decode", d0.transfers + sent)
+    return result, {
+        "requests": sent,
+        "prefill": TransferDelta.between(p0, p1),
+        "decode": TransferDelta.between(d0, d1),
+    }
 
 
 # ---- the set-ups -----------------------------------------------------------------------------
@@ -274,11 +307,30 @@ def run_pd(w: Workload, server_flags: list[str], backend: str, cores: list[int])
         router.wait_ready(120)
         _warm(router.url, w)
         info = _get_json(prefill.url + "/server_info")
-        before = _transfer_snapshot(prefill.url)
-        result = asyncio.run(run_workload(router.url, w, "run"))
-        sent = len(result.short) + len(result.long)
-        after = _wait_transfers(prefill.url, before.transfers + sent)
-        return result, {"info": info, "before": before, "after": after, "requests": sent}
+
+        def timed() -> tuple[RunResult, int]:
+            res = asyncio.run(run_workload(router.url, w, "run"))
+            return res, len(res.short) + len(res.long)
+
+        def alone() -> tuple[None, int]:
+            # Long prompts one at a time on idle servers: each room's write undisturbed.
+            rng = random.Random(f"alone-{w.seed}")
+            cfg = bs.BenchmarkConfig(base_url=router.url, backend="smallm", ignore_eos=True)
+
+            async def send() -> None:
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(3):
+                        spec = _spec(rng, w.long_input_len[1], 1)
+                        out = await bs.send_request(session, cfg, spec, None)
+                        if not out.success:
+                            raise RuntimeError(f"long prompt alone failed: {out.error}")
+
+            asyncio.run(send())
+            return None, 3
+
+        result, under_load = measure_transfers(prefill.url, decode.url, timed)
+        _, isolated = measure_transfers(prefill.url, decode.url, alone)
+        return result, {"info": info, "under load": under_load, "alone": isolated}
     finally:
         if router is not None:
             router.stop()
@@ -315,29 +367,36 @@ def summarize(res: RunResult) -> dict:
     }
 
 
-def transfer_report(pd: dict) -> list[str]:
-    before: TransferSnapshot = pd["before"]
-    after: TransferSnapshot = pd["after"]
+def transfer_report(pd: dict, long_len: int) -> list[str]:
     per_token = int(pd["info"].get("kv_bytes_per_token") or 0)
-    n = after.transfers - before.transfers
-    nbytes = after.nbytes - before.nbytes
-    lines = [f"KV transfer over the timed run ({n} rooms for {pd['requests']} requests):"]
-    if not per_token or not n:
-        return [*lines, "  no transfer counted (server too old, or no kv_bytes_per_token)"]
-    tokens = nbytes / per_token
-    lines.append(
-        f"  {nbytes / 1e6:.1f} MB for {tokens:.0f} prompt tokens "
-        f"({per_token} B/token = layers x 2 x kv_heads x head_dim x dtype size)"
-    )
-    if after.seconds is None or before.seconds is None:
-        lines.append("  no transfer-time series on the prefill server: time per token n/a")
-        return lines
-    secs = after.seconds - before.seconds
-    lines.append(
-        f"  write time {secs * 1e3:.0f} ms in all ({after.source}): "
-        f"{secs / n * 1e3:.2f} ms per room, {secs / tokens * 1e6:.1f} us per token, "
-        f"{nbytes / secs / 1e9:.2f} GB/s"
-    )
+    lines = [
+        f"KV transfer ({per_token} B/token = layers x 2 x kv_heads x head_dim x dtype size); "
+        "write = the prefill server's, wait = the decode server's transfer request to arrival:"
+    ]
+    for label, what in (
+        ("timed run", pd["under load"]),
+        (f"3 x {long_len}-token prompts alone", pd["alone"]),
+    ):
+        p: TransferDelta = what["prefill"]
+        d: TransferDelta = what["decode"]
+        if not per_token or not p.rooms:
+            lines.append(f"  {label}: no transfer counted (no kv_bytes_per_token or counters)")
+            continue
+        tokens = p.nbytes / per_token
+        line = (
+            f"  {label}: {p.rooms} rooms ({what['requests']} requests), "
+            f"{p.nbytes / 1e6:.1f} MB, {tokens:.0f} tokens"
+        )
+        if p.seconds is not None and p.seconds > 0:
+            line += (
+                f"; write {p.seconds / p.rooms * 1e3:.1f} ms/room, "
+                f"{p.seconds / tokens * 1e6:.1f} us/token, {p.nbytes / p.seconds / 1e9:.2f} GB/s"
+            )
+        else:
+            line += "; no write time on the prefill server (n/a)"
+        if d.seconds is not None and d.rooms:
+            line += f"; decode wait {d.seconds / d.rooms * 1e3:.0f} ms/room"
+        lines.append(line + f" [{p.source}]")
     return lines
 
 
@@ -433,7 +492,7 @@ def main() -> None:
             print(f"{name} error: {err}")
     if pd_info is not None:
         print()
-        print("\n".join(transfer_report(pd_info)))
+        print("\n".join(transfer_report(pd_info, long_len[1])))
 
 
 if __name__ == "__main__":
