@@ -24,11 +24,13 @@ prompts. For ``pd``, the KV transfer over the timed run, from the prefill server
 record, on its transfer thread) and ``kv_transfer_bytes`` / ``kv_bytes_per_token``
 (``/server_info``): time per token = transfer seconds / tokens moved. Without those series
 (an older server) it falls back to the scheduler stats' ``kv_transfer_seconds``, and failing
-that prints bytes per token only.
+that prints bytes per token only. The transfer is measured three times: 3 long prompts alone
+before the timed run, the timed run, and 3 long prompts alone after it (once the run has churned
+the KV pools).
 
     python benchmarks/bench_pd.py [--decoders 4] [--decode-output-len 128]
         [--long-prompts 10] [--long-input-len 1000,1500] [--long-interval 1.5]
-        [--backend mooncake|fake] [--only colocated,pd]
+        [--backend mooncake|fake] [--only colocated,pd] [--max-total-tokens 65536]
 
 Run it on an otherwise idle machine with at least two cores.
 """
@@ -312,9 +314,9 @@ def run_pd(w: Workload, server_flags: list[str], backend: str, cores: list[int])
             res = asyncio.run(run_workload(router.url, w, "run"))
             return res, len(res.short) + len(res.long)
 
-        def alone() -> tuple[None, int]:
+        def alone(tag: str) -> tuple[None, int]:
             # Long prompts one at a time on idle servers: each room's write undisturbed.
-            rng = random.Random(f"alone-{w.seed}")
+            rng = random.Random(f"alone-{tag}-{w.seed}")
             cfg = bs.BenchmarkConfig(base_url=router.url, backend="smallm", ignore_eos=True)
 
             async def send() -> None:
@@ -328,9 +330,12 @@ def run_pd(w: Workload, server_flags: list[str], backend: str, cores: list[int])
             asyncio.run(send())
             return None, 3
 
+        # Alone before the run (the KV pools nearly fresh) and after it (the pools churned by
+        # the run: free slots come back in the order requests and cache evictions release them).
+        _, before = measure_transfers(prefill.url, decode.url, lambda: alone("before"))
         result, under_load = measure_transfers(prefill.url, decode.url, timed)
-        _, isolated = measure_transfers(prefill.url, decode.url, alone)
-        return result, {"info": info, "under load": under_load, "alone": isolated}
+        _, after = measure_transfers(prefill.url, decode.url, lambda: alone("after"))
+        return result, {"info": info, "before": before, "under load": under_load, "after": after}
     finally:
         if router is not None:
             router.stop()
@@ -374,8 +379,9 @@ def transfer_report(pd: dict, long_len: int) -> list[str]:
         "write = the prefill server's, wait = the decode server's transfer request to arrival:"
     ]
     for label, what in (
-        ("timed run", pd["under load"]),
-        (f"3 x {long_len}-token prompts alone", pd["alone"]),
+        (f"3 x {long_len}-token prompts alone, before the run", pd["before"]),
+        ("the timed run", pd["under load"]),
+        (f"3 x {long_len}-token prompts alone, after the run", pd["after"]),
     ):
         p: TransferDelta = what["prefill"]
         d: TransferDelta = what["decode"]
@@ -412,7 +418,13 @@ def main() -> None:
     p.add_argument("--lead", type=float, default=2.0, help="seconds before the first long one")
     p.add_argument("--backend", choices=("mooncake", "fake"), default="mooncake")
     p.add_argument("--only", default="", help=f"comma-separated set-ups of {', '.join(SETUPS)}")
-    p.add_argument("--max-total-tokens", type=int, default=16384, help="per server")
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=65536,
+        help="KV slots per server; the default run never evicts from the radix cache (a "
+        "churned pool scatters a request's slots and slows its transfer, see benchmarks.md)",
+    )
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
 
