@@ -429,7 +429,10 @@ def main() -> None:
     args = p.parse_args()
 
     lo, _, hi = args.long_input_len.partition(",")
-    long_len = (int(lo), int(hi or lo))
+    try:
+        long_len = (int(lo), int(hi or lo))
+    except ValueError:
+        long_len = (0, 0)
     if not 1 <= long_len[0] <= long_len[1]:
         p.error("--long-input-len must be MIN,MAX with 1 <= MIN <= MAX")
     if args.decoders < 1 or args.long_prompts < 1:
