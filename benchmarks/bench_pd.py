@@ -30,7 +30,7 @@ the KV pools).
 
     python benchmarks/bench_pd.py [--decoders 4] [--decode-output-len 128]
         [--long-prompts 10] [--long-input-len 1000,1500] [--long-interval 1.5]
-        [--backend mooncake|fake] [--only colocated,pd] [--max-total-tokens 65536]
+        [--backend mooncake|fake] [--only colocated,pd,pd-scattered] [--max-total-tokens 65536]
 
 Run it on an otherwise idle machine with at least two cores.
 """
@@ -61,7 +61,9 @@ from smallm.lang.backends.runtime import free_port
 from smallm.runtime.cpu_features import cpu_features
 from smallm.runtime.server.router import stop_process_groups
 
-SETUPS = ("colocated", "pd")
+# pd-scattered: the same pair with --disable-pd-contiguous-kv (prompts' KV slots taken from the
+# free list as they come), to show what allocating them in runs is worth once the pools churn.
+SETUPS = ("colocated", "pd", "pd-scattered")
 
 
 class _Proc:
@@ -441,7 +443,7 @@ def main() -> None:
     if not chosen:
         p.error(f"--only: choose from {', '.join(SETUPS)}")
     cores = sorted(os.sched_getaffinity(0))
-    if "pd" in chosen and len(cores) < 2:
+    if any(s.startswith("pd") for s in chosen) and len(cores) < 2:
         p.error(f"pd pins its servers to two cores; this process may use {cores}")
     backend = args.backend
     if backend == "mooncake":
@@ -464,14 +466,15 @@ def main() -> None:
     )
     flags = ["--max-total-tokens", str(args.max_total_tokens)]
     rows: dict[str, dict] = {}
-    pd_info: dict | None = None
+    pd_infos: dict[str, dict] = {}
     for name in chosen:
         print(f"running {name} ...", flush=True)
         t0 = time.monotonic()
         if name == "colocated":
             res, _ = run_colocated(w, flags)
         else:
-            res, pd_info = run_pd(w, flags, backend, cores[:2])
+            extra = ["--disable-pd-contiguous-kv"] if name == "pd-scattered" else []
+            res, pd_infos[name] = run_pd(w, [*flags, *extra], backend, cores[:2])
         rows[name] = summarize(res)
         print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
 
@@ -505,9 +508,10 @@ def main() -> None:
     for name, r in rows.items():
         for err in r["errors"]:
             print(f"{name} error: {err}")
-    if pd_info is not None:
+    for name, info in pd_infos.items():
         print()
-        print("\n".join(transfer_report(pd_info, long_len[1])))
+        print(f"{name}:")
+        print("\n".join(transfer_report(info, long_len[1])))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,52 @@ def test_allocator_matches_reference(capacity, first, ops):
     assert alloc.num_free == capacity
 
 
+def runs(slots) -> list[int]:
+    """Lengths of the runs of consecutive ids in sorted ``slots``."""
+    a = np.sort(np.asarray(slots))
+    if a.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(a) != 1) + 1
+    return np.diff(np.concatenate(([0], breaks, [a.size]))).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(1, 64), first=st.integers(0, 2), ops=ops)
+def test_contiguous_alloc_keeps_accounting_and_takes_the_fewest_runs(capacity, first, ops):
+    """Mixed with plain allocations and frees: distinct free slots, exact accounting, one run
+    when the free set has a run long enough, else the fewest runs any choice could give."""
+    alloc = SlotAllocator(capacity, first=first)
+    held: list[np.ndarray] = []
+    owned: set[int] = set()
+    for op, n, pick in ops:
+        if op == "alloc":
+            if n > alloc.num_free:
+                continue
+            free = sorted(set(range(first, first + capacity)) - owned)
+            contiguous = pick % 2 == 0
+            slots = alloc.alloc_contiguous(n) if contiguous else alloc.alloc(n)
+            got = set(slots.tolist())
+            assert len(got) == n and not got & owned
+            assert got <= set(free)
+            if contiguous and n:
+                best = sorted(runs(free), reverse=True)
+                fewest = next(k for k in range(1, len(best) + 1) if sum(best[:k]) >= n)
+                if best[0] >= n:
+                    assert runs(slots) == [n]
+                assert len(runs(slots)) == fewest
+            owned |= got
+            held.append(slots)
+        elif held:
+            slots = held.pop(pick % len(held))
+            alloc.free(slots)
+            owned -= set(slots.tolist())
+        assert alloc.num_used == len(owned) and alloc.num_free + alloc.num_used == capacity
+    for slots in held:
+        alloc.free(slots)
+    assert alloc.num_free == capacity
+    assert len(alloc.alloc(capacity)) == capacity  # the stack still holds every slot once
+
+
 def test_double_free_and_foreign_free_raise():
     alloc = SlotAllocator(8)
     slots = alloc.alloc(3)

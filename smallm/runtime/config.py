@@ -74,6 +74,7 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = 8998  # the prefill server's bootstrap HTTP service
     disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (plumbing tests only)
     disaggregation_timeout: float = 30.0  # seconds a KV transfer (or a wait for one) may take
+    disable_pd_contiguous_kv: bool = False  # allocate PD prompts' KV slot by slot (to measure)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -376,6 +377,13 @@ class ServerArgs:
             type=float,
             default=default("disaggregation_timeout"),
             help="seconds a KV transfer, or a wait for one, may take before the request fails",
+        )
+        p.add_argument(
+            "--disable-pd-contiguous-kv",
+            action="store_true",
+            help="allocate a disaggregated prompt's KV slots from the free list as they come, "
+            "not in runs of consecutive slots (each break costs the transfer one more range "
+            "per layer; for measuring)",
         )
 
     @classmethod

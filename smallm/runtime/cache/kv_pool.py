@@ -45,7 +45,11 @@ class KVPool:
         self.buffer[layer, 0].index_copy_(0, slots, k.to(self.dtype))
         self.buffer[layer, 1].index_copy_(0, slots, v.to(self.dtype))
 
-    def alloc(self, n: int) -> np.ndarray:
+    def alloc(self, n: int, contiguous: bool = False) -> np.ndarray:
+        """``n`` free slots; ``contiguous``: in as few runs as possible (see
+        ``SlotAllocator.alloc_contiguous``), for KV that another process will copy."""
+        if contiguous:
+            return self.allocator.alloc_contiguous(n)
         return self.allocator.alloc(n)
 
     def free(self, slots: np.ndarray | list[int]) -> None:

@@ -47,6 +47,40 @@ class SlotAllocator:
         self._in_use[slots] = True
         return slots
 
+    def alloc_contiguous(self, n: int) -> np.ndarray:
+        """Like ``alloc``, but ``n`` slots in as few runs of consecutive ids as the free set
+        allows: the lowest run that holds all ``n`` if there is one, else the longest runs
+        first, each in order. For memory that moves as byte ranges (a disaggregated server's
+        KV: one range per run instead of one per token). O(capacity), not O(n); it also
+        leaves the free stack sorted, so later plain allocations come out in runs too."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} slots")
+        if n > self._num_free:
+            raise OutOfSlots(f"asked for {n} slots, {self._num_free} free")
+        free = np.flatnonzero(~self._in_use[self.first :]) + self.first  # ascending
+        breaks = np.flatnonzero(np.diff(free) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [free.size])))
+        fits = np.flatnonzero(lengths >= n)
+        take = np.zeros(free.size, dtype=bool)
+        if fits.size:
+            start = starts[fits[0]]
+            take[start : start + n] = True
+        else:
+            left = n
+            for k in np.argsort(-lengths, kind="stable"):
+                m = min(int(lengths[k]), left)
+                take[starts[k] : starts[k] + m] = True
+                left -= m
+                if left == 0:
+                    break
+        slots = free[take]
+        rest = free[~take]
+        self._stack[: rest.size] = rest[::-1]  # popping from the end: low ids first
+        self._num_free = rest.size
+        self._in_use[slots] = True
+        return slots
+
     def free(self, slots: np.ndarray | list[int]) -> None:
         """Give slots back. Freeing a slot that is not in use is a bug and raises."""
         slots = np.asarray(slots, dtype=np.int64)

@@ -99,6 +99,10 @@ class DecodeManager:
             args.disaggregation_transfer_backend, args.host, timeout=self.timeout
         )
         pool = scheduler.pool
+        # Reserve each prompt's slots in runs of consecutive ids: a decode server's own
+        # one-slot-per-step growth interleaves requests, and scattered slots cost Mooncake one
+        # range per token (about 100x slower; see docs/benchmarks.md, bench_pd).
+        self.contiguous = not args.disable_pd_contiguous_kv
         self.layout = KVLayout.of(pool)
         self.engine.register(self.layout.base_ptr, pool.nbytes)
         n = scheduler.table.max_requests
@@ -294,7 +298,7 @@ class DecodeManager:
             return False
         r = p.req
         r.req_pool_index = s.table.alloc()
-        p.slots = s.pool.alloc(n)
+        p.slots = s.pool.alloc(n, contiguous=self.contiguous)
         s.table.write(r.req_pool_index, 0, p.slots)
         p.record = int(self.free_records.alloc(1)[0])
         self.records.clear(p.record)

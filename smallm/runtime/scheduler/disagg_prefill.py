@@ -108,6 +108,7 @@ class PrefillManager:
             args.disaggregation_transfer_backend, self.host, timeout=self.timeout
         )
         pool = scheduler.pool
+        scheduler.contiguous_prefill_kv = not args.disable_pd_contiguous_kv
         self.layout = KVLayout.of(pool)
         self.engine.register(self.layout.base_ptr, pool.nbytes)
         # One staging record suffices: the one transfer thread writes one room at a time.

@@ -97,6 +97,9 @@ class Scheduler:
         # (disagg_prefill.py / disagg_decode.py) set by the scheduler process; None on a plain
         # server, where none of its hooks below runs.
         self.pd: Any = None
+        # A prefill server allocates its prompts' KV in runs of consecutive slots: each run is
+        # one byte range per layer to write to the decode server, each break one more.
+        self.contiguous_prefill_kv = False
 
     # ---- inbox (thread-safe) -------------------------------------------------------------
 
@@ -329,7 +332,7 @@ class Scheduler:
         n = int(min(len(ids) - r.kv_len, budget))
         if not self._ensure_free(n):
             return None
-        slots = self.pool.alloc(n)
+        slots = self.pool.alloc(n, contiguous=self.contiguous_prefill_kv)
         self.table.write(r.req_pool_index, r.kv_len, slots)
         start, end = r.kv_len, r.kv_len + n
         entry = BatchEntry(
