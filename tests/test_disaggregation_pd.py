@@ -212,7 +212,7 @@ def test_a_room_whose_prompts_differ_fails_fast_and_frees_both_sides(pd_fake):
             elapsed = time.monotonic() - start
             assert pre.result().status_code == 200
         assert dec.status_code == 503, dec.text
-        assert "prefill server failed" in dec.text
+        assert "got a different prompt for this bootstrap_room" in dec.text
         assert elapsed < 6, elapsed  # the record said FAILED; the timeout is 8 s
     # Streaming: the stream carries the error event (status and message), then ends.
     room = pd_fake.bootstrap()
@@ -224,7 +224,7 @@ def test_a_room_whose_prompts_differ_fails_fast_and_frees_both_sides(pd_fake):
         streamed = requests.post(pd_fake.decode.url + "/generate", json=body, stream=True)
         last = last_stream_event(streamed)
         assert pre.result().status_code == 200
-    assert last["error"]["code"] == 503 and "prefill server failed" in last["error"]["message"]
+    assert last["error"]["code"] == 503 and "different prompt" in last["error"]["message"]
     d = scheduler_stats(pd_fake.decode, num_used_tokens=0, num_running_reqs=0)
     assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
     assert d["kv_transfer_failures"] == d_before["kv_transfer_failures"] + 3
@@ -232,6 +232,22 @@ def test_a_room_whose_prompts_differ_fails_fast_and_frees_both_sides(pd_fake):
     p = scheduler_stats(pd_fake.prefill, num_used_tokens=0, pd_transfer_queue_reqs=0)
     assert p["num_used_tokens"] == 0 and p["pd_transfer_queue_reqs"] == 0
     assert p["kv_transfers"] == p_before["kv_transfers"]
+
+
+def test_a_room_the_prefill_side_refuses_fails_fast_with_the_reason(pd_fake):
+    room = pd_fake.bootstrap()
+    ids = list(range(3, 30))
+    with ThreadPoolExecutor(2) as pool:
+        bad = {"input_ids": ids, "sampling_params": {**GREEDY, "regex": "(unclosed"}, **room}
+        pre = pool.submit(post, pd_fake.prefill, bad)
+        start = time.monotonic()
+        dec = post(pd_fake.decode, {"input_ids": ids, "sampling_params": GREEDY, **room})
+        elapsed = time.monotonic() - start
+        assert pre.result().status_code == 400
+    assert dec.status_code == 503 and "refused or aborted" in dec.text, dec.text
+    assert elapsed < 6, elapsed  # the FAILED record, not the 8 s timeout
+    d = scheduler_stats(pd_fake.decode, num_used_tokens=0, num_running_reqs=0)
+    assert d["num_used_tokens"] == 0 and d["kv_quarantined_tokens"] == 0
 
 
 def test_aborting_a_waiting_decode_request_frees_its_reservation(pd_fake):
@@ -521,6 +537,10 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
         stats = scheduler_stats(pd_fake.decode, kv_transfers=before + 8, num_running_reqs=0)
         assert stats["kv_transfers"] == before + 8 and stats["prefill_tokens"] == computed
+        # The router opens with an HTTP/2 preface, then speaks HTTP/1.1: no error logged.
+        for server in (pd_fake.prefill, pd_fake.decode):
+            assert "PRI/Upgrade" not in server.log_text()
+            assert "Error handling request" not in server.log_text()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(router.pid, signal.SIGKILL)  # its server outlives a SIGTERM (FACTS.md)

@@ -24,6 +24,7 @@ from transfer_peer import KVPoolPeer
 from smallm.runtime.cache.kv_pool import KVPool
 from smallm.runtime.disaggregation.kv_plan import (
     FIRST_TOKEN_RECORD,
+    FailReason,
     FirstToken,
     FirstTokenBuffer,
     FirstTokenLayout,
@@ -254,6 +255,7 @@ def test_first_token_records():
         FirstToken(7, FirstTokenStatus.OK, 1234, -0.125),
         FirstToken(2**64 - 1, FirstTokenStatus.OK, 0, None),
         FirstToken(3, FirstTokenStatus.FAILED),
+        *(FirstToken(4, FirstTokenStatus.FAILED, reason=why) for why in FailReason),
     ]:
         data = encode_first_token(token)
         assert len(data) == FIRST_TOKEN_RECORD.size == 32
@@ -262,6 +264,11 @@ def test_first_token_records():
     record = encode_first_token(FirstToken(1, FirstTokenStatus.FAILED, 2, 0.5))
     assert record[24:28] == b"\x01\x00\x00\x00"  # flags: logprob present
     assert record[28:] == b"\x02\x00\x00\x00"  # status last, so in-order delivery sets it last
+    mismatch = FirstToken(1, FirstTokenStatus.FAILED, reason=FailReason.PROMPT_MISMATCH)
+    assert encode_first_token(mismatch)[24:28] == b"\x00\x02\x00\x00"  # reason: bits 8-15
+    unknown = bytearray(encode_first_token(mismatch))
+    unknown[25] = 200  # a reason this side does not know is still a failure
+    assert decode_first_token(bytes(unknown)).reason is FailReason.UNKNOWN
     with pytest.raises(ValueError, match="32 bytes, not 31"):
         decode_first_token(bytes(31))
     bad_status = bytearray(32)

@@ -31,7 +31,8 @@ decode side's record *after* the KV write has returned (writes are synchronous),
 whose status is ``OK`` means the request's KV has landed. The record carries the bootstrap room,
 so a late write meant for a previous occupant of the index is recognised as stale; a failed
 prefill writes ``FAILED``. Record layout, little-endian: room u64, token id i64, logprob f64,
-flags u32 (bit 0: logprob present), status u32. Status comes after the payload, so a transport
+flags u32 (bit 0: logprob present; bits 8-15: why a FAILED room failed, ``FailReason``),
+status u32. Status comes after the payload, so a transport
 that delivers a range in order (both TCP engines) sets it last; a decode side that polls the
 record rather than waiting for the prefill side's completion notice still reads the room and
 status together and trusts only a matching room. Top-k logprobs would be a fixed-size extension of
@@ -296,6 +297,28 @@ class FirstTokenStatus(enum.IntEnum):
     FAILED = 2
 
 
+class FailReason(enum.IntEnum):
+    """Why the prefill side failed a room (carried in a FAILED record's flags)."""
+
+    UNKNOWN = 0
+    REFUSED = 1  # the request was refused or aborted on the prefill server
+    PROMPT_MISMATCH = 2  # the decode side's prompt (or its length) differs from this side's
+    TRANSFER_FAILED = 3  # the KV write failed
+    CANCELLED = 4  # the decode side cancelled the room (an answer to its cancel)
+
+    def explain(self) -> str:
+        return {
+            FailReason.UNKNOWN: "the prefill server failed to compute or send this request",
+            FailReason.REFUSED: "the prefill server refused or aborted this request "
+            "(its response says why)",
+            FailReason.PROMPT_MISMATCH: "the prefill server got a different prompt for this "
+            "bootstrap_room (the same body must go to both servers, and rooms must not be reused)",
+            FailReason.TRANSFER_FAILED: "the prefill server could not write this request's KV "
+            "cache here (see its log)",
+            FailReason.CANCELLED: "this request was cancelled",
+        }[self]
+
+
 @dataclass(frozen=True)
 class FirstToken:
     """The prefill side's outcome for one bootstrap room."""
@@ -304,6 +327,7 @@ class FirstToken:
     status: FirstTokenStatus
     token_id: int = -1
     logprob: float | None = None
+    reason: FailReason = FailReason.UNKNOWN  # of a FAILED record
 
 
 def encode_first_token(token: FirstToken) -> bytes:
@@ -313,7 +337,7 @@ def encode_first_token(token: FirstToken) -> bytes:
     if not -(1 << 63) <= token.token_id < 1 << 63:
         raise ValueError(f"token id {token.token_id} does not fit in 64 bits")
     status = FirstTokenStatus(token.status)
-    flags = 0 if token.logprob is None else _HAS_LOGPROB
+    flags = (0 if token.logprob is None else _HAS_LOGPROB) | FailReason(token.reason) << 8
     logprob = math.nan if token.logprob is None else float(token.logprob)
     return FIRST_TOKEN_RECORD.pack(token.room, token.token_id, logprob, flags, status)
 
@@ -329,7 +353,11 @@ def decode_first_token(data: bytes | bytearray | memoryview) -> FirstToken:
         status = FirstTokenStatus(status)
     except ValueError:
         raise ValueError(f"first-token record has unknown status {status}") from None
-    return FirstToken(room, status, token_id, logprob if flags & _HAS_LOGPROB else None)
+    try:
+        reason = FailReason((flags >> 8) & 0xFF)
+    except ValueError:
+        reason = FailReason.UNKNOWN  # a newer peer's reason: still a failure
+    return FirstToken(room, status, token_id, logprob if flags & _HAS_LOGPROB else None, reason)
 
 
 @dataclass(frozen=True)

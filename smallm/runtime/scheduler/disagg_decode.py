@@ -225,7 +225,7 @@ class DecodeManager:
                 continue  # the KV is here; the grammar that takes its first token is not yet
             if record.status is FirstTokenStatus.FAILED:
                 # The record is final: nothing more is written for this room, free it all.
-                self._fail(p, out, "the prefill server failed to compute or send this request")
+                self._fail(p, out, record.reason.explain())
                 continue
             self._start_decoding(p, record.token_id, record.logprob, out)
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from smallm.runtime.disaggregation.bootstrap import BootstrapClient, PrefillRankInfo
 from smallm.runtime.disaggregation.kv_plan import (
+    FailReason,
     FirstToken,
     FirstTokenBuffer,
     FirstTokenLayout,
@@ -141,7 +142,7 @@ class PrefillManager:
         self.writing: dict[int, tuple[Future, Req | None]] = {}  # on the transfer thread
         # Rooms that will never be written (failed here, or cancelled by the decode side),
         # kept for a timeout so a destination or request arriving later ends at once.
-        self.dead_rooms: dict[int, float] = {}
+        self.dead_rooms: dict[int, tuple[float, FailReason]] = {}
         # Counters for /metrics (read by the scheduler's stats on its own thread).
         self.transfers = 0
         self.transfer_bytes = 0
@@ -186,9 +187,9 @@ class PrefillManager:
             return
         dest = self.destinations.pop(room, None)
         if dest is not None:
-            self._submit_failure(dest)
+            self._submit_failure(dest, FailReason.REFUSED)
         else:
-            self.dead_rooms[room] = time.monotonic()
+            self.dead_rooms[room] = (time.monotonic(), FailReason.REFUSED)
 
     def grammar_compiled(self, r: Req, error: str | None, out: list) -> bool:
         """(The decode side's hook: a prefill server's constrained requests run as usual.)"""
@@ -241,14 +242,15 @@ class PrefillManager:
             # destination a while longer, so that the cancel finds it and is answered.
             if now - dest.arrival > 2 * self.timeout:
                 del self.destinations[room]
-        for room, since in list(self.dead_rooms.items()):
+        for room, (since, _) in list(self.dead_rooms.items()):
             if now - since > self.timeout:
                 del self.dead_rooms[room]
 
     def _destination(self, dest: Destination) -> None:
         room = dest.room
-        if self.dead_rooms.pop(room, None) is not None:
-            self._submit_failure(dest)
+        dead = self.dead_rooms.pop(room, None)
+        if dead is not None:
+            self._submit_failure(dest, dead[1])
         elif room in self.held:
             self._start_write(self.held.pop(room), dest)
         else:
@@ -259,10 +261,11 @@ class PrefillManager:
         it waits for. A write already on the transfer thread ends with its own record."""
         if room in self.writing:
             return
-        self.dead_rooms[room] = time.monotonic()  # a request still computing ends at hold()
+        # A request still computing for the room ends at hold().
+        self.dead_rooms[room] = (time.monotonic(), FailReason.CANCELLED)
         dest = self.destinations.pop(room, None)
         if dest is not None:
-            self._submit_failure(dest)
+            self._submit_failure(dest, FailReason.CANCELLED)
         held = self.held.pop(room, None)
         if held is not None:  # (unreachable while messages arrive in order; kept for safety)
             self.scheduler._release(held.req)
@@ -274,26 +277,29 @@ class PrefillManager:
         the transfer thread."""
         r = held.req
         n = len(r.prompt_ids)
-        try:
-            if len(dest.slots) != n:
-                raise ValueError(f"the decode side reserved {len(dest.slots)} slots for {n}")
-            if dest.prompt_digest is not None and dest.prompt_digest != prompt_digest(r.prompt_ids):
-                raise ValueError("the decode side's prompt differs from this side's")
-            src = self.scheduler.table.read(r.req_pool_index, 0, n)
-            plan = transfer_plan(self.layout, src, dest.kv_layout, dest.slots)
-        except ValueError as e:
-            logger.warning("room %d: cannot transfer: %s", dest.room, e)
+        reason, problem = FailReason.PROMPT_MISMATCH, None
+        if len(dest.slots) != n:
+            problem = f"the decode side reserved {len(dest.slots)} slots for {n}"
+        elif dest.prompt_digest is not None and dest.prompt_digest != prompt_digest(r.prompt_ids):
+            problem = "the decode side's prompt differs from this side's"
+        else:
+            try:
+                src = self.scheduler.table.read(r.req_pool_index, 0, n)
+                plan = transfer_plan(self.layout, src, dest.kv_layout, dest.slots)
+            except ValueError as e:  # a destination this pool cannot write (a bad layout)
+                reason, problem = FailReason.TRANSFER_FAILED, str(e)
+        if problem is not None:
+            logger.warning("room %d: cannot transfer: %s", dest.room, problem)
             self.scheduler._release(r)
-            self._submit_failure(dest)
+            self._submit_failure(dest, reason)
             return
         token = FirstToken(dest.room, FirstTokenStatus.OK, r.output_ids[0], held.logprob)
         future = self.writer.submit(self._write, plan, token, dest)
         self.writing[dest.room] = (future, r)
 
-    def _submit_failure(self, dest: Destination) -> None:
-        future = self.writer.submit(
-            self._write, None, FirstToken(dest.room, FirstTokenStatus.FAILED), dest
-        )
+    def _submit_failure(self, dest: Destination, reason: FailReason) -> None:
+        token = FirstToken(dest.room, FirstTokenStatus.FAILED, reason=reason)
+        future = self.writer.submit(self._write, None, token, dest)
         self.writing[dest.room] = (future, None)
 
     def _write(
@@ -309,7 +315,9 @@ class PrefillManager:
             except TransferError as e:
                 logger.warning("room %d: KV transfer failed: %s", dest.room, e)
                 ok = False
-                token = FirstToken(dest.room, FirstTokenStatus.FAILED)
+                token = FirstToken(
+                    dest.room, FirstTokenStatus.FAILED, reason=FailReason.TRANSFER_FAILED
+                )
         self.staging.put(0, token)
         record = self.staging.plan(0, dest.first_token, dest.record_index)
         try:

@@ -60,6 +60,9 @@ def launch_server(args: ServerArgs) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s",
     )
+    from smallm.runtime.server.http.log_filters import install_http_log_filters
+
+    install_http_log_filters()
     from smallm.runtime.model.loader import resolve_model_path
 
     # Resolve once here (converting the default GGUF if needed) so the workers get a path.
