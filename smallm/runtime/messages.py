@@ -6,6 +6,7 @@ processes. Every message carries the request id (``rid``) end to end.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,10 @@ class BatchTextOutput:
     outputs: list[TextOutput]
 
 
+# SchedulerStats fields that combined() does not add up over replicas.
+_NOT_SUMMED = frozenset({"cache_hit_rate", "dp_rank", "kv_transfer_latencies"})
+
+
 @dataclass
 class SchedulerStats:
     """Scheduler -> front end (through the detokenizer), a few times a second: the gauges of
@@ -166,26 +171,13 @@ class SchedulerStats:
 
     @classmethod
     def combined(cls, parts: list[SchedulerStats]) -> SchedulerStats:
-        """All replicas' gauges as one server's (sums; the hit rate weighted by capacity)."""
+        """All replicas' gauges as one server's: every count summed, the hit rate weighted by
+        capacity (``dp_rank`` 0, no per-report latencies)."""
         total = sum(p.max_total_tokens for p in parts)
         hit = sum(p.cache_hit_rate * p.max_total_tokens for p in parts) / total if total else 0.0
-        return cls(
-            num_running_reqs=sum(p.num_running_reqs for p in parts),
-            num_queue_reqs=sum(p.num_queue_reqs for p in parts),
-            num_used_tokens=sum(p.num_used_tokens for p in parts),
-            max_total_tokens=total,
-            cache_hit_rate=hit,
-            gen_throughput=sum(p.gen_throughput for p in parts),
-            num_grammar_queue_reqs=sum(p.num_grammar_queue_reqs for p in parts),
-            num_retractions=sum(p.num_retractions for p in parts),
-            forward_steps=sum(p.forward_steps for p in parts),
-            prefill_tokens=sum(p.prefill_tokens for p in parts),
-            kv_transfer_bytes=sum(p.kv_transfer_bytes for p in parts),
-            kv_transfers=sum(p.kv_transfers for p in parts),
-            kv_transfer_seconds=sum(p.kv_transfer_seconds for p in parts),
-            kv_transfer_failures=sum(p.kv_transfer_failures for p in parts),
-            kv_bootstrap_failures=sum(p.kv_bootstrap_failures for p in parts),
-            pd_prealloc_queue_reqs=sum(p.pd_prealloc_queue_reqs for p in parts),
-            pd_transfer_queue_reqs=sum(p.pd_transfer_queue_reqs for p in parts),
-            kv_quarantined_tokens=sum(p.kv_quarantined_tokens for p in parts),
-        )
+        summed = {
+            f.name: sum(getattr(p, f.name) for p in parts)
+            for f in dataclasses.fields(cls)
+            if f.name not in _NOT_SUMMED
+        }
+        return cls(**summed, cache_hit_rate=hit)

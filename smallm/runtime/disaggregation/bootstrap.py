@@ -38,6 +38,8 @@ from typing import Any
 import requests
 from aiohttp import web
 
+from smallm.runtime.disaggregation.transfer import join_session
+
 DEFAULT_BOOTSTRAP_PORT = 8998
 _INT_FIELDS = (
     "attn_tp_size",
@@ -305,8 +307,7 @@ class BootstrapClient:
     @classmethod
     def for_request(cls, bootstrap_host: str, bootstrap_port: int, **kw: Any) -> BootstrapClient:
         """The client for a request's ``bootstrap_host``/``bootstrap_port`` fields."""
-        host = f"[{bootstrap_host}]" if ":" in bootstrap_host else bootstrap_host
-        return cls(f"{host}:{int(bootstrap_port)}", **kw)
+        return cls(join_session(bootstrap_host, int(bootstrap_port)), **kw)
 
     def _call(
         self, method: str, path: str = "/route", *, params: dict | None = None, json: Any = None

@@ -44,6 +44,7 @@ import numpy as np
 from smallm.runtime.cache.slot_allocator import SlotAllocator
 from smallm.runtime.disaggregation.bootstrap import BootstrapClient, BootstrapError
 from smallm.runtime.disaggregation.kv_plan import (
+    FirstToken,
     FirstTokenBuffer,
     FirstTokenStatus,
     KVLayout,
@@ -55,7 +56,8 @@ from smallm.runtime.disaggregation.peer_messages import (
     encode_transfer_request,
     prompt_digest,
 )
-from smallm.runtime.disaggregation.transfer import create_transfer_engine
+from smallm.runtime.disaggregation.transfer import create_transfer_engine, join_session
+from smallm.runtime.disaggregation.transfer_counters import TransferCounters
 from smallm.runtime.scheduler.grammar_queue import grammar_spec
 from smallm.runtime.scheduler.request import Phase, Req
 
@@ -117,13 +119,7 @@ class DecodeManager:
         self.sockets: dict[str, Any] = {}
         self.pending: list[_Pending] = []
         self.quarantine: list[_Quarantined] = []
-        # Counters for /metrics.
-        self.transfers = 0  # requests whose KV arrived
-        self.transfer_bytes = 0  # ... and its size
-        self.transfer_seconds = 0.0  # ... and the time from transfer request to arrival
-        self.transfer_failures = 0  # rooms that failed after their transfer request went out
-        self.bootstrap_failures = 0  # requests that never found their prefill rank
-        self.latencies: list[float] = []  # since the last stats report
+        self.counters = TransferCounters()  # for /metrics
 
     # ---- scheduler hooks ---------------------------------------------------------------
 
@@ -147,8 +143,7 @@ class DecodeManager:
             if error:
                 out.append(_error(r, error))
                 return True
-        host = f"[{msg.bootstrap_host}]" if ":" in msg.bootstrap_host else msg.bootstrap_host
-        address = f"{host}:{msg.bootstrap_port}"
+        address = join_session(msg.bootstrap_host, msg.bootstrap_port)
         lookup = self.targets.get(address)
         if lookup is None or (lookup.done() and lookup.exception() is not None):
             lookup = self.lookups.submit(self._lookup, address)
@@ -210,7 +205,7 @@ class DecodeManager:
                     targets = p.lookup.result()
                     p.target = targets[p.req.msg.bootstrap_room % len(targets)]
                 except (BootstrapError, KVLayoutMismatch, ValueError, KeyError) as e:
-                    self.bootstrap_failures += 1
+                    self.counters.bootstrap_failures += 1
                     self._fail(p, out, f"bootstrap failed: {e}")
                     continue
             if p.sent_at is None:
@@ -218,8 +213,8 @@ class DecodeManager:
                     continue  # no memory yet: try again next step
                 self._send(p)
                 continue
-            record = self.records.get(p.record)
-            if record.room != p.req.msg.bootstrap_room or record.status is FirstTokenStatus.PENDING:
+            record = self._outcome(p.record, p.req.msg.bootstrap_room)
+            if record is None:
                 continue
             if record.status is FirstTokenStatus.OK and not p.grammar_ready:
                 continue  # the KV is here; the grammar that takes its first token is not yet
@@ -241,8 +236,7 @@ class DecodeManager:
                 info = client.lookup(0, group, 0)
                 if info.kv_layout is not None:
                     KVLayout.from_dict(info.kv_layout).check_compatible(self.layout)
-                host = f"[{info.rank_ip}]" if ":" in info.rank_ip else info.rank_ip
-                targets.append(f"tcp://{host}:{info.rank_port}")
+                targets.append(f"tcp://{join_session(info.rank_ip, info.rank_port)}")
         finally:
             client.close()
         return targets
@@ -344,11 +338,7 @@ class DecodeManager:
             r.pending_logprobs.append((logprob, token))
         r.phase = Phase.DECODE
         s._advance(r, token)  # grammar, stop conditions, jump-forward (which may set PREFILL)
-        self.transfers += 1
-        self.transfer_bytes += plan_bytes(self.layout, r.kv_len)
-        waited = time.monotonic() - p.sent_at
-        self.transfer_seconds += waited
-        self.latencies.append(waited)
+        self.counters.succeeded(plan_bytes(self.layout, r.kv_len), time.monotonic() - p.sent_at)
         if r.finish_reason is not None:
             s._release(r)
             r.phase = Phase.FINISHED
@@ -369,12 +359,7 @@ class DecodeManager:
             s.table.free(p.req.req_pool_index)  # only this side writes the table
             p.req.req_pool_index = -1
             room = p.req.msg.bootstrap_room
-            record = self.records.get(p.record) if p.sent_at is not None else None
-            final = (
-                record is not None
-                and record.room == room
-                and record.status is not FirstTokenStatus.PENDING
-            )
+            final = p.sent_at is not None and self._outcome(p.record, room) is not None
             if p.sent_at is None or final or dead:
                 s.pool.free(p.slots)
                 self._free_record(p.record)
@@ -384,14 +369,13 @@ class DecodeManager:
                     sock.send(encode_cancel(room))
                 self.quarantine.append(_Quarantined(room, p.slots, p.record, time.monotonic()))
             if p.sent_at is not None:
-                self.transfer_failures += 1
+                self.counters.transfer_failures += 1
         logger.warning("request %s (room %s): %s", p.req.rid, p.req.msg.bootstrap_room, message)
         out.append(_error(p.req, message, status))
 
     def _release_quarantine(self, now: float) -> None:
         for q in list(self.quarantine):
-            record = self.records.get(q.record)
-            ended = record.room == q.room and record.status is not FirstTokenStatus.PENDING
+            ended = self._outcome(q.record, q.room) is not None
             if ended or now - q.since > self.timeout:
                 if not ended:
                     logger.warning(
@@ -406,18 +390,20 @@ class DecodeManager:
                 self._free_record(q.record)
 
     def report(self, stats) -> None:
-        """Fill ``stats``' disaggregation fields; hands over the latencies recorded since the
-        last report."""
-        stats.kv_transfers = self.transfers
-        stats.kv_transfer_bytes = self.transfer_bytes
-        stats.kv_transfer_seconds = self.transfer_seconds
-        stats.kv_transfer_failures = self.transfer_failures
-        stats.kv_transfer_latencies, self.latencies = self.latencies, []
-        stats.kv_bootstrap_failures = self.bootstrap_failures
+        """Fill ``stats``' disaggregation fields (see ``TransferCounters.report``)."""
+        self.counters.report(stats)
         sent = sum(1 for p in self.pending if p.sent_at is not None)
         stats.pd_prealloc_queue_reqs = len(self.pending) - sent
         stats.pd_transfer_queue_reqs = sent
         stats.kv_quarantined_tokens = sum(len(q.slots) for q in self.quarantine)
+
+    def _outcome(self, record: int, room: int) -> FirstToken | None:
+        """Record ``record``'s final word on ``room`` (OK or FAILED: nothing more will be
+        written for it), or None while it is pending or holds an older room's record."""
+        token = self.records.get(record)
+        if token.room != room or token.status is FirstTokenStatus.PENDING:
+            return None
+        return token
 
     def _free_record(self, record: int) -> None:
         if record >= 0:

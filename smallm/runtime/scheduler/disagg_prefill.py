@@ -47,6 +47,7 @@ from smallm.runtime.disaggregation.kv_plan import (
 )
 from smallm.runtime.disaggregation.peer_messages import prompt_digest
 from smallm.runtime.disaggregation.transfer import TransferError, create_transfer_engine
+from smallm.runtime.disaggregation.transfer_counters import TransferCounters
 from smallm.runtime.scheduler.request import Req
 
 logger = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ class PrefillManager:
         # The server's front end runs the bootstrap service (launch.py); this replica
         # registers as data-parallel group dp_rank, where decode servers look up the rooms
         # with room % dp_size == dp_rank (the front end routes those rooms here).
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        client = BootstrapClient(f"{host}:{args.disaggregation_bootstrap_port}")
+        client = BootstrapClient.for_request(self.host, args.disaggregation_bootstrap_port)
         try:
             client.register(
                 PrefillRankInfo(
@@ -143,12 +143,8 @@ class PrefillManager:
         # Rooms that will never be written (failed here, or cancelled by the decode side),
         # kept for a timeout so a destination or request arriving later ends at once.
         self.dead_rooms: dict[int, tuple[float, FailReason]] = {}
-        # Counters for /metrics (read by the scheduler's stats on its own thread).
-        self.transfers = 0
-        self.transfer_bytes = 0
-        self.transfer_seconds = 0.0
-        self.transfer_failures = 0
-        self.latencies: list[float] = []  # write times since the last stats report
+        # For /metrics; updated on the scheduler's thread only (see _finished_write).
+        self.counters = TransferCounters()
 
     # ---- scheduler hooks ---------------------------------------------------------------
 
@@ -336,26 +332,18 @@ class PrefillManager:
             result: WriteResult = future.result()
         except Exception:  # a bug, not a transfer failure: keep serving, say so
             logger.exception("the KV transfer thread failed")
-            self.transfer_failures += 1
+            self.counters.transfer_failures += 1
             return
         if req is None:
             return  # a FAILED record for a room that had no KV to send
         if result.ok:
-            self.transfers += 1
-            self.transfer_bytes += result.nbytes
-            self.transfer_seconds += result.seconds
-            self.latencies.append(result.seconds)
+            self.counters.succeeded(result.nbytes, result.seconds)
         else:
-            self.transfer_failures += 1
+            self.counters.transfer_failures += 1
 
     def report(self, stats) -> None:
-        """Fill ``stats``' disaggregation fields; hands over the latencies recorded since the
-        last report."""
-        stats.kv_transfers = self.transfers
-        stats.kv_transfer_bytes = self.transfer_bytes
-        stats.kv_transfer_seconds = self.transfer_seconds
-        stats.kv_transfer_failures = self.transfer_failures
-        stats.kv_transfer_latencies, self.latencies = self.latencies, []
+        """Fill ``stats``' disaggregation fields (see ``TransferCounters.report``)."""
+        self.counters.report(stats)
         stats.pd_transfer_queue_reqs = len(self.held) + sum(
             1 for _, req in self.writing.values() if req is not None
         )
