@@ -44,9 +44,7 @@ import os
 import random
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -56,62 +54,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import bench_serving as bs
+from bench_process import BenchProcess
 
 from smallm.lang.backends.runtime import free_port
 from smallm.runtime.cpu_features import cpu_features
-from smallm.runtime.server.router import stop_process_groups
 
 # pd-scattered: the same pair with --disable-pd-contiguous-kv (prompts' KV slots taken from the
 # free list as they come), to show what allocating them in runs is worth once the pools churn.
 SETUPS = ("colocated", "pd", "pd-scattered")
 
 
-class _Proc:
-    """A server or router subprocess in its own process group, optionally pinned to cores."""
-
-    def __init__(self, cmd: list[str], url: str, cores: set[int] | None = None):
-        fd, self.log = tempfile.mkstemp(prefix="bench-pd-", suffix=".log")
-        os.close(fd)
-        # Affinity is inherited by every process the server starts (scheduler, detokenizer).
-        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-        with open(self.log, "ab") as log:
-            self.p = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=pin,
-            )
-        self.url = url
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{self.url} exited:\n{Path(self.log).read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.url} did not start:\n{Path(self.log).read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        # The whole group: sglang-router's server outlives a SIGTERM to its launcher.
-        stop_process_groups([self.p], grace=60.0)
-        Path(self.log).unlink(missing_ok=True)
-
-
-def _server(flags: list[str], cores: set[int] | None = None) -> _Proc:
+def _server(flags: list[str], cores: set[int] | None = None) -> BenchProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "smallm.launch_server", "--port", str(port)]
     cmd += ["--log-level", "warning", *flags]
-    return _Proc(cmd, f"http://127.0.0.1:{port}", cores)
+    return BenchProcess(cmd, f"http://127.0.0.1:{port}", log_prefix="bench-pd-", cores=cores)
 
 
-def _pd_router(prefill: str, bootstrap_port: int, decode: str) -> _Proc:
+def _pd_router(prefill: str, bootstrap_port: int, decode: str) -> BenchProcess:
     port = free_port()
     cmd = [
         sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
@@ -119,7 +79,7 @@ def _pd_router(prefill: str, bootstrap_port: int, decode: str) -> _Proc:
         "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
         "--prometheus-port", str(free_port()), "--log-level", "warn",
     ]  # fmt: skip
-    return _Proc(cmd, f"http://127.0.0.1:{port}")
+    return BenchProcess(cmd, f"http://127.0.0.1:{port}", log_prefix="bench-pd-")
 
 
 def _get_json(url: str) -> dict:

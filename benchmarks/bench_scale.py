@@ -23,10 +23,7 @@ import os
 import random
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving as bs
+from bench_process import BenchProcess
 
 from smallm.lang.backends.runtime import free_port
 from smallm.runtime.cpu_features import cpu_features
-from smallm.runtime.server.router import stop_process_groups
 
 
 @dataclass
@@ -59,50 +56,19 @@ def setups(cores: int) -> list[Setup]:
     ]
 
 
-class _Proc:
-    def __init__(self, cmd: list[str], url: str, health: str):
-        fd, self.log = tempfile.mkstemp(prefix="bench-scale-", suffix=".log")
-        os.close(fd)
-        with open(self.log, "ab") as log:
-            self.p = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.url = url
-        self.health = health
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{self.url} exited:\n{Path(self.log).read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + self.health, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.url} did not start")
-
-    def stop(self) -> None:
-        # The whole group: sglang-router's server outlives a SIGTERM to its launcher.
-        stop_process_groups([self.p], grace=60.0)
-        Path(self.log).unlink(missing_ok=True)
-
-
-def _start_server(flags: list[str], max_total_tokens: int) -> _Proc:
+def _start_server(flags: list[str], max_total_tokens: int) -> BenchProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "smallm.launch_server", "--port", str(port)]
     cmd += ["--max-total-tokens", str(max_total_tokens), "--log-level", "warning", *flags]
-    return _Proc(cmd, f"http://127.0.0.1:{port}", "/health")
+    return BenchProcess(cmd, f"http://127.0.0.1:{port}", log_prefix="bench-scale-")
 
 
-def _start_router(workers: list[str], policy: str) -> _Proc:
+def _start_router(workers: list[str], policy: str) -> BenchProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--policy", policy, "--worker-urls", *workers]
     cmd += ["--log-level", "warn"]
-    return _Proc(cmd, f"http://127.0.0.1:{port}", "/health")
+    return BenchProcess(cmd, f"http://127.0.0.1:{port}", log_prefix="bench-scale-")
 
 
 _COUNTER = re.compile(r"^(sglang:(?:cached|prompt)_tokens)_total\{[^}]*\} ([0-9.e+]+)$", re.M)
