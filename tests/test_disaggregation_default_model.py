@@ -12,22 +12,14 @@ same passes, and the outputs must match exactly (token ids; logprobs to 1e-6, se
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from smallm.lang.backends.runtime import free_port
-
-from server_process import ServerProcess
+from pd_pair import PDPair, pd_router, scheduler_stats
 
 pytestmark = pytest.mark.slow
 
@@ -64,80 +56,13 @@ PARAGRAPH = (
 )
 
 
-def wait_healthy(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        assert time.monotonic() < deadline, f"{url} did not become healthy"
-        time.sleep(0.25)
-
-
-class PDDeployment:
-    """A prefill and a decode server on the default model, and sglang-router in PD mode."""
-
-    def __init__(self, flags: list[str], backend: str) -> None:
-        """``flags``: the single server's (model included), so both run the same numeric path."""
-        self.backend = backend
-        self.bootstrap_port = free_port()
-        common = [*flags, "--disaggregation-transfer-backend", backend]
-        self.prefill = ServerProcess(
-            None,
-            *common,
-            "--disaggregation-mode",
-            "prefill",
-            "--disaggregation-bootstrap-port",
-            str(self.bootstrap_port),
-        )
-        self.decode = ServerProcess(None, *common, "--disaggregation-mode", "decode")
-        self.router: subprocess.Popen | None = None
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> PDDeployment:
-        try:
-            # Both at once: each start is mostly waiting (imports, model load), on 2 cores too.
-            with ThreadPoolExecutor(2) as pool:
-                for started in [pool.submit(s.start) for s in (self.prefill, self.decode)]:
-                    started.result()
-            cmd = [
-                sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-                "--prefill", self.prefill.url, str(self.bootstrap_port),
-                "--decode", self.decode.url, "--host", "127.0.0.1", "--port", str(self.port),
-                "--policy", "round_robin", "--prometheus-port", str(free_port()),
-                "--log-level", "warn",
-            ]  # fmt: skip
-            self.router = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
-            wait_healthy(self.url)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.router is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.router.pid, signal.SIGKILL)  # outlives a SIGTERM (FACTS.md)
-            self.router.wait()
-        self.decode.stop()
-        self.prefill.stop()
-
-    def logs(self) -> str:
-        return (
-            f"\n--- prefill log ---\n{self.prefill.log_text()}"
-            f"\n--- decode log ---\n{self.decode.log_text()}"
-        )
-
-
 @pytest.fixture(scope="module", params=[BACKEND], ids=[f"transfer={BACKEND}"])
 def pd(request, default_server):
+    """A prefill and a decode server on exactly default_server's flags (its model too) plus
+    the disaggregation ones, and sglang-router in PD mode in front (``pd.url``)."""
     pytest.importorskip("sglang_router")
-    # Exactly default_server's flags (its model too) plus the disaggregation ones.
-    with PDDeployment(default_server.flags, request.param) as deployment:
-        yield deployment
+    with PDPair(default_server.flags, request.param) as pair, pd_router(pair):
+        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -181,19 +106,6 @@ def assert_same_output(got: dict, want: dict, what: str) -> None:
     assert [t[0] for t in got_lp] == pytest.approx([t[0] for t in want_lp], abs=LOGPROB_TOL), what
 
 
-def stats(server, **expect) -> dict:
-    """The server's scheduler gauges once they show ``expect`` (they arrive a few times a
-    second), or the last seen after 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        s = requests.get(server.url + "/server_info", timeout=10).json()["scheduler_stats"]
-        if s and all(s.get(k) == v for k, v in expect.items()):
-            return s
-        if time.monotonic() > deadline:
-            return s
-        time.sleep(0.2)
-
-
 def test_kv_bytes_per_token_is_the_model_layout(pd, default_model_dir):
     """/server_info's ``kv_bytes_per_token`` = layers x 2 x kv_heads x head_dim x KV item size,
     from the model's config.json and the KV dtype the server reports."""
@@ -215,7 +127,7 @@ def test_greedy_through_the_router_matches_one_server(pd, default_server, text_i
     body = {"input_ids": text_ids[:length], "sampling_params": GREEDY, "return_logprob": True}
     flush(default_server, pd.prefill)
     info = requests.get(pd.prefill.url + "/server_info", timeout=10).json()
-    p0, d0 = stats(pd.prefill), stats(pd.decode)
+    p0, d0 = scheduler_stats(pd.prefill), scheduler_stats(pd.decode)
     for stream in (False, True):
         want = generate(default_server.url, body, stream)
         assert want["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
@@ -226,10 +138,10 @@ def test_greedy_through_the_router_matches_one_server(pd, default_server, text_i
         assert_same_output(got, want, f"{length} tokens, stream={stream}")
     # Both requests' KV came from the prefill server: the decode server computed no prompt
     # token, and the bytes moved are exactly the prompts' tokens x kv_bytes_per_token.
-    d = stats(pd.decode, kv_transfers=d0["kv_transfers"] + 2, num_running_reqs=0)
+    d = scheduler_stats(pd.decode, kv_transfers=d0["kv_transfers"] + 2, num_running_reqs=0)
     assert d["kv_transfers"] == d0["kv_transfers"] + 2
     assert d["prefill_tokens"] == 0
-    p = stats(pd.prefill, kv_transfers=p0["kv_transfers"] + 2)
+    p = scheduler_stats(pd.prefill, kv_transfers=p0["kv_transfers"] + 2)
     assert p["kv_transfers"] == p0["kv_transfers"] + 2
     moved = p["kv_transfer_bytes"] - p0["kv_transfer_bytes"]
     assert moved == 2 * length * info["kv_bytes_per_token"]
@@ -251,11 +163,11 @@ def test_shared_prefix_hits_the_prefill_servers_radix_cache(
     flush(default_server, pd.prefill)
     for i, suffix in enumerate(suffixes):
         body = {"input_ids": prefix + suffix, "sampling_params": GREEDY, "return_logprob": True}
-        p0 = stats(pd.prefill)
+        p0 = scheduler_stats(pd.prefill)
         want = generate(default_server.url, body, stream=False)
         got = generate(pd.url, body, stream=False)
         assert_same_output(got, want, f"shared prefix, request {i}")
-        p = stats(pd.prefill, kv_transfers=p0["kv_transfers"] + 1)
+        p = scheduler_stats(pd.prefill, kv_transfers=p0["kv_transfers"] + 1)
         assert p["kv_transfers"] == p0["kv_transfers"] + 1
         computed = p["prefill_tokens"] - p0["prefill_tokens"]
         cached = 0 if i == 0 else len(prefix)  # nothing is cached right after the flush
@@ -266,7 +178,7 @@ def test_shared_prefix_hits_the_prefill_servers_radix_cache(
 
 
 def test_both_servers_end_idle_with_no_kv_leaked(pd):
-    d = stats(pd.decode, num_running_reqs=0, num_used_tokens=0)
+    d = scheduler_stats(pd.decode, num_running_reqs=0, num_used_tokens=0)
     assert d["num_running_reqs"] == 0 and d["num_used_tokens"] == 0, d
-    p = stats(pd.prefill, num_running_reqs=0, num_used_tokens=0)
+    p = scheduler_stats(pd.prefill, num_running_reqs=0, num_used_tokens=0)
     assert p["num_running_reqs"] == 0 and p["num_used_tokens"] == 0, p

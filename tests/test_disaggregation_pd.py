@@ -4,103 +4,31 @@ drives them: the same body, with bootstrap fields added, posted to both at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from smallm.lang.backends.runtime import free_port
-
 from conftest import TINY_SERVER_FLAGS
-from server_process import ServerProcess
+from pd_pair import PDPair, pd_router, post, scheduler_stats
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16}
 
 
-class PDPair:
-    """A prefill and a decode server joined by a bootstrap port."""
-
-    def __init__(
-        self,
-        model_dir,
-        backend: str,
-        timeout: float = 30.0,
-        prefill_flags: tuple[str, ...] = (),
-        decode_flags: tuple[str, ...] = (),
-    ):
-        self.bootstrap_port = free_port()
-        common = [
-            *TINY_SERVER_FLAGS,
-            "--disaggregation-transfer-backend",
-            backend,
-            "--disaggregation-timeout",
-            str(timeout),
-        ]
-        self.prefill = ServerProcess(
-            model_dir,
-            *common,
-            "--disaggregation-mode",
-            "prefill",
-            "--disaggregation-bootstrap-port",
-            str(self.bootstrap_port),
-            *prefill_flags,
-        )
-        self.decode = ServerProcess(
-            model_dir, *common, "--disaggregation-mode", "decode", *decode_flags
-        )
-
-    def __enter__(self) -> PDPair:
-        self.prefill.start()
-        try:
-            self.decode.start()
-        except BaseException:
-            self.prefill.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.decode.stop()
-        self.prefill.stop()
-
-    def bootstrap(self, room: int | None = None) -> dict:
-        return {
-            "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": self.bootstrap_port,
-            "bootstrap_room": random.getrandbits(63) if room is None else room,
-        }
-
-    def generate(self, body: dict) -> tuple[requests.Response, requests.Response]:
-        """Post ``body`` + bootstrap fields to both servers concurrently, as the router does."""
-        body = {**body, **self.bootstrap()}
-        with ThreadPoolExecutor(2) as pool:
-            p = pool.submit(post, self.prefill, body)
-            d = pool.submit(post, self.decode, body)
-            return p.result(), d.result()
-
-
-def post(server, body, path="/generate"):
-    return requests.post(server.url + path, json=body, timeout=120)
-
-
-def scheduler_stats(server, **expect) -> dict:
-    """The server's scheduler gauges once they show ``expect`` (they arrive a few times a
-    second), or the last seen."""
-    deadline = time.monotonic() + 10
-    while True:
-        stats = requests.get(server.url + "/server_info", timeout=10).json()["scheduler_stats"]
-        if stats and all(stats.get(k) == v for k, v in expect.items()):
-            return stats
-        if time.monotonic() > deadline:
-            return stats
-        time.sleep(0.2)
+def tiny_pair(
+    model_dir,
+    backend: str,
+    timeout: float = 30.0,
+    prefill_flags: tuple[str, ...] = (),
+    decode_flags: tuple[str, ...] = (),
+) -> PDPair:
+    """A pair on the tiny model."""
+    flags = ["--model-path", str(model_dir), *TINY_SERVER_FLAGS]
+    return PDPair(flags, backend, timeout, prefill_flags, decode_flags)
 
 
 def kv_bytes(info: dict, tokens: int) -> int:
@@ -110,7 +38,7 @@ def kv_bytes(info: dict, tokens: int) -> int:
 
 @pytest.fixture(scope="module")
 def pd_fake(tiny_chat_model_dir):
-    with PDPair(tiny_chat_model_dir, "fake", timeout=8) as pair:
+    with tiny_pair(tiny_chat_model_dir, "fake", 8) as pair:
         yield pair
 
 
@@ -386,7 +314,7 @@ def test_a_prefill_server_that_dies_fails_its_rooms_fast_and_the_decode_side_rec
     KV had arrived, else 503 naming the prefill server) well before the 30 s timeout, the
     decode side frees every slot, and once a prefill server is back on the same bootstrap
     port, requests succeed again (the stale rank address is forgotten)."""
-    with PDPair(tiny_chat_model_dir, "fake", timeout=30) as pair:
+    with tiny_pair(tiny_chat_model_dir, "fake", 30) as pair:
         bodies = []
         for i in range(6):
             ids = [3 + i, *range(10, 400)]  # distinct prompts: no radix hits
@@ -425,7 +353,7 @@ def test_two_prefill_replicas_and_two_decode_replicas(tiny_chat_model_dir, tiny_
     each replica registers as that data-parallel group, and the decode side's replicas find
     it there; output as from one plain server, every replica did its part."""
     dp2 = ("--dp-size", "2")
-    with PDPair(tiny_chat_model_dir, "fake", 30, dp2, dp2) as pair:
+    with tiny_pair(tiny_chat_model_dir, "fake", 30, dp2, dp2) as pair:
         for k, ids in enumerate(prompts() * 2):
             body = {"input_ids": ids, "sampling_params": GREEDY}
             want = post(tiny_server, body).json()["output_ids"]
@@ -452,7 +380,7 @@ def test_two_prefill_replicas_and_two_decode_replicas(tiny_chat_model_dir, tiny_
 
 def test_pd_over_mooncake(tiny_chat_model_dir, tiny_server):
     pytest.importorskip("mooncake.engine", reason="mooncake-transfer-engine-non-cuda")
-    with PDPair(tiny_chat_model_dir, "mooncake") as pair:
+    with tiny_pair(tiny_chat_model_dir, "mooncake") as pair:
         for ids in prompts()[1:3]:
             body = {"input_ids": ids, "sampling_params": GREEDY}
             want = post(tiny_server, body).json()["output_ids"]
@@ -483,25 +411,7 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
     it adds the bootstrap fields itself; streaming and not, text and input_ids, native and
     OpenAI routes."""
     pytest.importorskip("sglang_router")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-        "--prefill", pd_fake.prefill.url, str(pd_fake.bootstrap_port),
-        "--decode", pd_fake.decode.url, "--host", "127.0.0.1", "--port", str(port),
-        "--policy", "round_robin", "--prometheus-port", str(free_port()), "--log-level", "warn",
-    ]  # fmt: skip
-    router = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the router did not start"
-            time.sleep(0.25)
+    with pd_router(pd_fake) as url:
         start = scheduler_stats(pd_fake.decode)
         before, computed = start["kv_transfers"], start["prefill_tokens"]
         bodies = [
@@ -541,7 +451,3 @@ def test_sglang_router_pd_mode_drives_the_pair(pd_fake, tiny_server):
         for server in (pd_fake.prefill, pd_fake.decode):
             assert "PRI/Upgrade" not in server.log_text()
             assert "Error handling request" not in server.log_text()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(router.pid, signal.SIGKILL)  # its server outlives a SIGTERM (FACTS.md)
-        router.wait()
